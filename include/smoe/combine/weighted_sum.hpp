@@ -1,0 +1,93 @@
+#pragma once
+// WeightedSum combiner: y[t] = Σ_k gate[t, k] · ys[slot(t, k)], empty assignments skipped.
+// Run per token (a gather, not a scatter-add), so it is race-free and deterministic.
+//   backward: dys[s] = gate[s] · dy[token(s)],  d_gates[t, k] = <dy[t], ys[slot(t, k)]>.
+#include <concepts>
+
+#include "smoe/core/dispatch.hpp"
+#include "smoe/cpu/parallel.hpp"
+
+namespace smoe {
+
+template <class C>
+concept Combiner = requires(C& c, const Dispatch<typename C::scalar_type>& dispatch,
+                            ConstMatrixView<typename C::scalar_type> in, MatrixView<typename C::scalar_type> out) {
+  c.forward(dispatch, in, out);
+  c.backward(dispatch, in, in, out, out);
+};
+
+template <class T>
+struct WeightedSum {
+  using scalar_type = T;
+  static constexpr const char* name = "WeightedSum";
+
+  void forward(const Dispatch<T>& dispatch, ConstMatrixView<T> ys, MatrixView<T> y) const {
+    const index_t d = y.cols, K = dispatch.k;
+    expect_shape(name, "ys", ys, dispatch.assignments(), d);
+    expect_shape(name, "y", y, dispatch.tokens, d);
+    cpu_kernels::parallel_for_blocks(dispatch.tokens, token_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t) {
+        T* out = y.row(t);
+        std::fill_n(out, d, T(0));
+        for (index_t j = 0; j < K; ++j)
+          if (const index_t s = dispatch.slot(t, j); s >= 0) {
+            const T g = dispatch.slot_gate[s];
+            const T* in = ys.row(s);
+            for (index_t c = 0; c < d; ++c) out[c] += g * in[c];
+          }
+      }
+    });
+  }
+
+  void backward(const Dispatch<T>& dispatch, ConstMatrixView<T> ys, ConstMatrixView<T> dy, MatrixView<T> dys,
+                MatrixView<T> d_gates) const {
+    const index_t d = dy.cols, K = dispatch.k;
+    expect_shape(name, "dy", dy, dispatch.tokens, ys.cols);
+    expect_shape(name, "dys", dys, dispatch.assignments(), d);
+    expect_shape(name, "d_gates", d_gates, dispatch.tokens, K);
+    cpu_kernels::parallel_for_blocks(dispatch.tokens, token_block, [&](index_t first, index_t last) {
+      // d_gates are dot products summed in column order, one dependent chain each; `chains` of
+      // them (slots of consecutive tokens) run interleaved so the chains overlap.
+      const T* a[chains];
+      const T* b[chains];
+      T* result[chains];
+      int pending = 0;
+      for (index_t t = first; t < last; ++t) {
+        const T* g_out = dy.row(t);
+        for (index_t j = 0; j < K; ++j) {
+          const index_t s = dispatch.slot(t, j);
+          if (s < 0) {
+            d_gates(t, j) = T(0);
+            continue;
+          }
+          const T g = dispatch.slot_gate[s];
+          T* out = dys.row(s);
+          for (index_t c = 0; c < d; ++c) out[c] = g * g_out[c];
+          a[pending] = g_out;
+          b[pending] = ys.row(s);
+          result[pending] = &d_gates(t, j);
+          if (++pending == chains) {
+            dots<chains>(a, b, result, d);
+            pending = 0;
+          }
+        }
+      }
+      for (int q = 0; q < pending; ++q) dots<1>(a + q, b + q, result + q, d);
+    });
+  }
+
+ private:
+  static constexpr index_t token_block = 32;
+  static constexpr int chains = 8;
+
+  // result[q] = Σ_c a[q][c]·b[q][c], each summed in order c = 0, 1, ... (the plain loop's rounding).
+  template <int N>
+  static void dots(const T* const* a, const T* const* b, T* const* result, index_t d) {
+    T acc[N] = {};
+    for (index_t c = 0; c < d; ++c)
+      for (int q = 0; q < N; ++q) acc[q] += a[q][c] * b[q][c];
+    for (int q = 0; q < N; ++q) *result[q] = acc[q];
+  }
+};
+
+}  // namespace smoe

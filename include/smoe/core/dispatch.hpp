@@ -1,0 +1,75 @@
+#pragma once
+// Dispatch: the routing decision as CSR by expert. Every router ends here, and experts and the
+// combiner only ever read this structure.
+//
+//   offsets [E+1]   slots of expert e are [offsets[e], offsets[e+1]); offsets[1..E] are the
+//                   int32 cumulative ends used by torch._grouped_mm, ScatterMoE and DeepGEMM
+//   slot_token [A]  token of each slot           slot_gate [A]  gate of each slot
+//   token_slot [T*K] slot of assignment (t, k), -1 where the router left it empty (or dropped it)
+//
+// Built by a stable counting sort: within an expert, slots follow (token, k) order, so the
+// layout is deterministic and independent of thread schedules.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "smoe/core/view.hpp"
+
+namespace smoe {
+
+template <class T>
+struct Dispatch {
+  index_t tokens = 0;
+  index_t k = 0;
+  index_t experts = 0;
+  std::vector<std::int32_t> offsets;
+  std::vector<std::int32_t> slot_token;
+  std::vector<T> slot_gate;
+  std::vector<std::int32_t> token_slot;
+
+  index_t assignments() const { return static_cast<index_t>(slot_token.size()); }
+  index_t expert_begin(index_t e) const { return offsets[static_cast<std::size_t>(e)]; }
+  index_t expert_end(index_t e) const { return offsets[static_cast<std::size_t>(e) + 1]; }
+  index_t count(index_t e) const { return expert_end(e) - expert_begin(e); }
+  std::int32_t slot(index_t t, index_t kk) const { return token_slot[static_cast<std::size_t>(t * k + kk)]; }
+  // Cumulative ends per expert [E], the grouped-GEMM convention.
+  std::span<const std::int32_t> ends() const { return {offsets.data() + 1, static_cast<std::size_t>(experts)}; }
+};
+
+// Builds `out` from the router's choice: ids [T, K] (expert id, or -1 for an empty assignment)
+// and gates [T, K]. Throws smoe::error on an id outside [-1, experts).
+template <class T>
+void build_dispatch(ConstMatrixView<std::int32_t> ids, ConstMatrixView<T> gates, index_t experts, Dispatch<T>& out) {
+  const char* ctx = "build_dispatch";
+  if (experts < 1) fail(ctx, ": experts must be >= 1, got ", experts);
+  expect_shape(ctx, "gates", gates, ids.rows, ids.cols);
+  const index_t tokens = ids.rows, k = ids.cols;
+  out.tokens = tokens;
+  out.k = k;
+  out.experts = experts;
+  out.offsets.assign(static_cast<std::size_t>(experts) + 1, 0);
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < k; ++j) {
+      const std::int32_t e = ids(t, j);
+      if (e < -1 || e >= experts)
+        fail(ctx, ": expert id at (token ", t, ", k ", j, ") must be in [-1, ", experts, "), got ", e);
+      if (e >= 0) ++out.offsets[static_cast<std::size_t>(e) + 1];
+    }
+  for (index_t e = 0; e < experts; ++e) out.offsets[e + 1] += out.offsets[e];
+  const std::size_t a = static_cast<std::size_t>(out.offsets[experts]);
+  out.slot_token.resize(a);
+  out.slot_gate.resize(a);
+  out.token_slot.assign(static_cast<std::size_t>(tokens * k), -1);
+  std::vector<std::int32_t> next(out.offsets.begin(), out.offsets.end() - 1);
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < k; ++j) {
+      const std::int32_t e = ids(t, j);
+      if (e < 0) continue;
+      const std::int32_t s = next[static_cast<std::size_t>(e)]++;
+      out.slot_token[static_cast<std::size_t>(s)] = static_cast<std::int32_t>(t);
+      out.slot_gate[static_cast<std::size_t>(s)] = gates(t, j);
+      out.token_slot[static_cast<std::size_t>(t * k + j)] = s;
+    }
+}
+
+}  // namespace smoe

@@ -1,0 +1,23 @@
+#pragma once
+// The Experts concept: a pool of E experts evaluated over a Dispatch. Experts see only the
+// dispatch (which tokens, in which slots), never the router.
+//   forward(x [T, d], dispatch, ys [A, d])     ys[s] = expert(slot s)(x[slot_token[s]]), ungated
+//   backward(x, dispatch, dys [A, d], dx [T, d])
+//                                              accumulates parameter gradients; WRITES
+//                                              dx[t] = Σ_k ∂/∂x of slot (t, k), 0 for unrouted tokens
+#include <concepts>
+
+#include "smoe/core/dispatch.hpp"
+
+namespace smoe {
+
+template <class X>
+concept Experts = requires(X& x, const X& cx, ConstMatrixView<typename X::scalar_type> in,
+                           const Dispatch<typename X::scalar_type>& dispatch, MatrixView<typename X::scalar_type> out) {
+  { cx.experts() } -> std::convertible_to<index_t>;
+  { cx.d_model() } -> std::convertible_to<index_t>;
+  x.forward(in, dispatch, out);
+  x.backward(in, dispatch, in, out);
+};
+
+}  // namespace smoe

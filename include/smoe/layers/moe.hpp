@@ -1,0 +1,133 @@
+#pragma once
+// MoE<Router, Experts, Combiner, Losses...>: a sparse mixture-of-experts feed-forward layer.
+//
+//   forward:  routing = Router(x) → Dispatch (CSR by expert) → ys = Experts(x, dispatch)
+//             → y = Combiner(dispatch, ys);  aux_loss = Σ_i coef_i · Loss_i(routing)
+//   backward: dy → Combiner⁻¹ (dys, d_gates) → Experts⁻¹ (dx, expert grads)
+//             → Losses (d_logits, d_gates) → Router⁻¹ (router grads, dx += ...)
+//
+// backward(dy) returns the gradient of Σ(y ⊙ dy) + aux_loss: the aux loss enters the objective
+// with weight 1 (its coefficients are inside). Parameter gradients accumulate; call zero_grad.
+// The layer keeps a copy of x, so the caller's buffer may change between forward and backward.
+#include <cstdint>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "smoe/combine/weighted_sum.hpp"
+#include "smoe/core/dispatch.hpp"
+#include "smoe/core/parameter.hpp"
+#include "smoe/core/validate.hpp"
+#include "smoe/experts/experts.hpp"
+#include "smoe/losses/balance_loss.hpp"
+#include "smoe/routing/routing.hpp"
+
+namespace smoe {
+
+struct RoutingStats {
+  std::vector<index_t> tokens_per_expert;  // assignments per expert
+  index_t assignments = 0;                 // non-empty (token, k) assignments
+  index_t dropped = 0;                     // (token, k) assignments left empty or dropped
+  double fraction_dropped = 0.0;           // dropped / (T·K), 0 when T = 0
+};
+
+template <class T>
+struct MoEOutput {
+  T aux_loss = 0;               // Σ coef_i · loss_i
+  std::vector<T> loss_values;   // loss_i without its coefficient, in template order
+  RoutingStats stats;
+};
+
+template <Router R, Experts X, Combiner C = WeightedSum<typename X::scalar_type>, BalanceLoss... Losses>
+  requires(std::is_same_v<typename R::scalar_type, typename X::scalar_type> &&
+           std::is_same_v<typename C::scalar_type, typename X::scalar_type> &&
+           (std::is_same_v<typename Losses::scalar_type, typename X::scalar_type> && ...))
+class MoE {
+ public:
+  using scalar_type = typename X::scalar_type;
+  using T = scalar_type;
+  static constexpr const char* name = "MoE";
+
+  // Validate inputs for NaN/Inf (forward x, backward dy); on by default in debug builds.
+  bool validate_inputs = validate_by_default;
+
+  MoE(R router, X experts, C combiner = {}, Losses... losses)
+      : router_(std::move(router)), experts_(std::move(experts)), combiner_(std::move(combiner)), losses_(losses...) {
+    expect_equal(name, "router.experts() (= experts.experts())", experts_.experts(), router_.experts());
+    expect_equal(name, "router.d_model() (= experts.d_model())", experts_.d_model(), router_.d_model());
+  }
+
+  index_t d_model() const { return experts_.d_model(); }
+  index_t n_experts() const { return experts_.experts(); }
+  index_t k() const { return router_.k(); }
+  R& router() { return router_; }
+  X& experts() { return experts_; }
+  C& combiner() { return combiner_; }
+  std::tuple<Losses...>& losses() { return losses_; }
+  const Routing<T>& routing() const { return routing_; }
+  const Dispatch<T>& dispatch() const { return dispatch_; }
+
+  template <class F>
+  void for_each_parameter(F&& f) {
+    if constexpr (HasParameters<R>) router_.for_each_parameter(with_prefix("router.", f));
+    experts_.for_each_parameter(with_prefix("experts.", f));
+  }
+
+  MoEOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, Mode mode = Mode::eval) {
+    const index_t tokens = x.rows, d = d_model(), E = n_experts(), K = k();
+    expect_shape(name, "x", x, tokens, d);
+    expect_shape(name, "y", y, tokens, d);
+    if (validate_inputs) check_finite(name, "x", x);
+    x_.resize({tokens, d});
+    for (index_t t = 0; t < tokens; ++t) std::copy_n(x.row(t), d, x_.data() + t * d);
+
+    router_.forward(x_.matrix(), routing_, mode);
+    expect_shape(name, "router output experts", ConstMatrixView<std::int32_t>(routing_.experts.matrix()), tokens, K);
+    expect_shape(name, "router output gates", ConstMatrixView<T>(routing_.gates.matrix()), tokens, K);
+    build_dispatch(std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
+    ys_.resize({dispatch_.assignments(), d});
+    experts_.forward(x_.matrix(), dispatch_, ys_.matrix());
+    combiner_.forward(dispatch_, ys_.matrix(), y);
+
+    MoEOutput<T> out;
+    std::apply([&](auto&... loss) { ((out.loss_values.push_back(loss.forward(routing_, E))), ...); }, losses_);
+    std::size_t i = 0;
+    std::apply([&](auto&... loss) { ((out.aux_loss += T(loss.coef) * out.loss_values[i++]), ...); }, losses_);
+    out.stats.tokens_per_expert.resize(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) out.stats.tokens_per_expert[e] = dispatch_.count(e);
+    out.stats.assignments = dispatch_.assignments();
+    out.stats.dropped = tokens * K - dispatch_.assignments();
+    out.stats.fraction_dropped = tokens == 0 ? 0.0 : double(out.stats.dropped) / double(tokens * K);
+    return out;
+  }
+
+  void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
+    const index_t tokens = dispatch_.tokens, d = d_model(), E = n_experts(), K = k();
+    if (x_.rank() != 2) fail(name, ": backward called before forward");
+    expect_shape(name, "dy", dy, tokens, d);
+    expect_shape(name, "dx", dx, tokens, d);
+    if (validate_inputs) check_finite(name, "dy", dy);
+    dys_.resize({dispatch_.assignments(), d});
+    d_gates_.resize({tokens, K});
+    d_logits_.resize({tokens, E});
+    d_logits_.zero();
+    combiner_.backward(dispatch_, ys_.matrix(), dy, dys_.matrix(), d_gates_.matrix());
+    std::apply([&](auto&... loss) { (loss.backward(routing_, E, d_logits_.matrix(), d_gates_.matrix()), ...); },
+               losses_);
+    experts_.backward(x_.matrix(), dispatch_, dys_.matrix(), dx);
+    router_.backward(x_.matrix(), routing_, d_gates_.matrix(), d_logits_.matrix(), dx);
+  }
+
+ private:
+  R router_;
+  X experts_;
+  C combiner_;
+  std::tuple<Losses...> losses_;
+  Tensor<T> x_;  // copy of the forward input
+  Routing<T> routing_;
+  Dispatch<T> dispatch_;
+  Tensor<T> ys_;                         // per-slot expert outputs
+  Tensor<T> dys_, d_gates_, d_logits_;   // backward scratch
+};
+
+}  // namespace smoe

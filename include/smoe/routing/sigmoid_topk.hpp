@@ -1,0 +1,25 @@
+#pragma once
+// sigma-MoE gating (Csordás et al. 2023, Sec. 5): gate_k = sigmoid(s[e_k]), no renormalization,
+// so a token's gates need not sum to 1 and each expert's contribution is judged on its own.
+#include <cmath>
+
+#include "smoe/routing/topk_router.hpp"
+
+namespace smoe {
+
+struct SigmoidGate {
+  template <class T>
+  void forward(const T* s, index_t, const std::int32_t* ids, index_t K, T* gates) const {
+    for (index_t j = 0; j < K; ++j) gates[j] = T(1) / (T(1) + std::exp(-s[ids[j]]));
+  }
+  template <class T>
+  void backward(const T*, index_t, const std::int32_t* ids, index_t K, const T* gates, const T* d_gates,
+                T* d_logits) const {
+    for (index_t j = 0; j < K; ++j) d_logits[ids[j]] += d_gates[j] * gates[j] * (T(1) - gates[j]);
+  }
+};
+
+template <class T>
+using SigmoidTopK = TopKRouter<T, SigmoidGate>;
+
+}  // namespace smoe

@@ -1,0 +1,52 @@
+#pragma once
+// Softmax top-k gating.
+//   renormalize = false: gate_k = softmax(s)[e_k] over all E experts ("softmax before top-k";
+//                        Switch Transformer, Fedus et al. 2022, with K = 1).
+//   renormalize = true:  gate_k = softmax over the K selected logits only ("softmax after top-k";
+//                        GShard/GLaM/Mixtral with K = 2). With K = 1 every gate is exactly 1.
+#include <algorithm>
+#include <cmath>
+
+#include "smoe/routing/topk_router.hpp"
+
+namespace smoe {
+
+struct SoftmaxGate {
+  bool renormalize = false;
+
+  template <class T>
+  void forward(const T* s, index_t E, const std::int32_t* ids, index_t K, T* gates) const {
+    if (renormalize) {
+      T m = s[ids[0]];  // the best selected logit
+      T z = 0;
+      for (index_t j = 0; j < K; ++j) z += std::exp(s[ids[j]] - m);
+      for (index_t j = 0; j < K; ++j) gates[j] = std::exp(s[ids[j]] - m) / z;
+    } else {
+      T m = *std::max_element(s, s + E);
+      T z = 0;
+      for (index_t e = 0; e < E; ++e) z += std::exp(s[e] - m);
+      for (index_t j = 0; j < K; ++j) gates[j] = std::exp(s[ids[j]] - m) / z;
+    }
+  }
+
+  template <class T>
+  void backward(const T* s, index_t E, const std::int32_t* ids, index_t K, const T* gates, const T* d_gates,
+                T* d_logits) const {
+    T dot = 0;  // Σ_k gate_k · d_gate_k
+    for (index_t j = 0; j < K; ++j) dot += gates[j] * d_gates[j];
+    if (renormalize) {
+      for (index_t j = 0; j < K; ++j) d_logits[ids[j]] += gates[j] * (d_gates[j] - dot);
+      return;
+    }
+    T m = *std::max_element(s, s + E);
+    T z = 0;
+    for (index_t e = 0; e < E; ++e) z += std::exp(s[e] - m);
+    for (index_t e = 0; e < E; ++e) d_logits[e] -= std::exp(s[e] - m) / z * dot;
+    for (index_t j = 0; j < K; ++j) d_logits[ids[j]] += gates[j] * d_gates[j];
+  }
+};
+
+template <class T>
+using SoftmaxTopK = TopKRouter<T, SoftmaxGate>;
+
+}  // namespace smoe

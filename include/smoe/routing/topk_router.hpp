@@ -1,0 +1,128 @@
+#pragma once
+// TopKRouter: the linear token-choice router shared by softmax and sigmoid gating.
+//   logits s = x Wᵀ (W: "weight" [E, d]),  ids = top-k of s (expert dropout during training),
+//   gates = Gate policy applied to s at the selected ids.
+// Selection on the logits equals selection on sigmoid(s) or softmax(s): both are monotone.
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "smoe/core/parameter.hpp"
+#include "smoe/cpu/eigen.hpp"
+#include "smoe/cpu/parallel.hpp"
+#include "smoe/routing/expert_dropout.hpp"
+#include "smoe/routing/routing.hpp"
+#include "smoe/routing/topk_select.hpp"
+
+namespace smoe {
+
+struct TopKRouterConfig {
+  index_t d_model = 0;
+  index_t experts = 0;
+  index_t k = 1;
+  ExpertDropout expert_dropout{};
+
+  void validate(const char* context) const {
+    if (d_model < 1) fail(context, ": d_model must be >= 1, got ", d_model);
+    if (experts < 1) fail(context, ": experts must be >= 1, got ", experts);
+    if (k < 1 || k > experts) fail(context, ": k must be in [1, experts = ", experts, "], got ", k);
+    expert_dropout.validate(context);
+  }
+};
+
+// Gate policies provide, for one token (logits [E], selected ids [K]):
+//   forward(logits, E, ids, K, gates)                               gates [K]
+//   backward(logits, E, ids, K, gates, d_gates, d_logits)          d_logits [E] += ∂gates/∂logits · d_gates
+template <class G, class T>
+concept GatePolicy = requires(const G& g, const T* cp, T* p, const std::int32_t* ids, index_t n) {
+  g.forward(cp, n, ids, n, p);
+  g.backward(cp, n, ids, n, cp, cp, p);
+};
+
+template <class T, class Gate>
+  requires GatePolicy<Gate, T>
+class TopKRouter {
+ public:
+  using scalar_type = T;
+  using backend = cpu;
+  static constexpr const char* name = "TopKRouter";
+
+  explicit TopKRouter(TopKRouterConfig config, Gate gate = {})
+      : config_((config.validate(name), config)), gate_(gate), weight_({config.experts, config.d_model}) {}
+
+  index_t experts() const { return config_.experts; }
+  index_t k() const { return config_.k; }
+  index_t d_model() const { return config_.d_model; }
+  const TopKRouterConfig& config() const { return config_; }
+  const Gate& gate() const { return gate_; }
+  Parameter<T>& weight() { return weight_; }
+  // Training steps taken: the expert-dropout masks of step s depend on (seed, s) only.
+  std::uint64_t step() const { return step_; }
+  void set_step(std::uint64_t s) { step_ = s; }
+
+  template <class F>
+  void for_each_parameter(F&& f) {
+    f(std::string_view("weight"), weight_);
+  }
+
+  void forward(ConstMatrixView<T> x, Routing<T>& out, Mode mode) {
+    using namespace cpu_kernels;
+    expect_shape(name, "x", x, x.rows, d_model());
+    const index_t tokens = x.rows, E = experts(), K = k();
+    out.logits.resize({tokens, E});
+    out.experts.resize({tokens, K});
+    out.gates.resize({tokens, K});
+    const bool drop = mode == Mode::train && config_.expert_dropout.enabled();
+    const std::uint64_t step = step_;
+    // One token block per task: its logits GEMM (single-threaded, so the rounding is the same
+    // for any thread count), then selection and gates while the logits are in cache.
+    parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
+      eigen(out.logits.matrix().rows_range(first, last)).noalias() =
+          eigen(x.rows_range(first, last)) * eigen(weight_.value.matrix()).transpose();
+      std::vector<std::uint8_t> removed(drop ? static_cast<std::size_t>(E) : 0);
+      for (index_t t = first; t < last; ++t) {
+        const T* s = out.logits.data() + t * E;
+        std::int32_t* ids = out.experts.data() + t * K;
+        if (drop) config_.expert_dropout.mask(step, t, E, removed.data());
+        select_topk(s, E, K, ids, drop ? removed.data() : nullptr);
+        gate_.forward(s, E, ids, K, out.gates.data() + t * K);
+      }
+    });
+    if (mode == Mode::train) ++step_;
+  }
+
+  void backward(ConstMatrixView<T> x, const Routing<T>& r, ConstMatrixView<T> d_gates, MatrixView<T> d_logits,
+                MatrixView<T> dx) {
+    using namespace cpu_kernels;
+    const index_t tokens = x.rows, E = experts(), K = k();
+    expect_shape(name, "d_gates", d_gates, tokens, K);
+    expect_shape(name, "d_logits", d_logits, tokens, E);
+    expect_shape(name, "dx", dx, tokens, d_model());
+    if (tokens == 0) return;
+    // Fixed blocks, each GEMM single-threaded: results do not depend on the thread count.
+    parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t)
+        gate_.backward(r.logits.data() + t * E, E, r.experts.data() + t * K, K, r.gates.data() + t * K,
+                       d_gates.row(t), d_logits.row(t));
+      eigen(dx.rows_range(first, last)).noalias() +=
+          eigen(ConstMatrixView<T>(d_logits.rows_range(first, last))) * eigen(weight_.value.matrix());
+    });
+    // The weight gradient by column blocks: every element still sums over all tokens in order.
+    const index_t d = d_model();
+    parallel_for_blocks(d, column_block, [&](index_t first, index_t last) {
+      const MatrixView<T> grad(weight_.grad.data() + first, E, last - first, d);
+      const ConstMatrixView<T> xs(x.data + first, tokens, last - first, x.stride);
+      eigen(grad).noalias() += eigen(ConstMatrixView<T>(d_logits)).transpose() * eigen(xs);
+    });
+  }
+
+ private:
+  static constexpr index_t token_block = 128, column_block = 128;
+
+  TopKRouterConfig config_;
+  Gate gate_;
+  Parameter<T> weight_;
+  std::uint64_t step_ = 0;
+};
+
+}  // namespace smoe

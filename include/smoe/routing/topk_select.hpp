@@ -1,0 +1,65 @@
+#pragma once
+// Top-k selection over one token's scores with a total order, so the result is always k valid,
+// distinct indices whatever the scores hold (NaN, Inf, ties):
+//   alive candidates before dropped ones, then larger score first (NaN ranks below -Inf), then the
+//   smaller index first (ties go to the smaller expert id, as cub::DeviceTopK documents).
+// Output order is best first.
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <vector>
+
+#include "smoe/core/config.hpp"
+
+namespace smoe {
+
+namespace detail {
+template <class T>
+struct Candidate {
+  bool alive;
+  bool number;  // not NaN
+  T score;
+  std::int32_t index;
+  bool beats(const Candidate& o) const {
+    if (alive != o.alive) return alive;
+    if (number != o.number) return number;
+    if (number && score != o.score) return score > o.score;
+    return index < o.index;
+  }
+};
+}  // namespace detail
+
+// Writes the k best of scores[0..n) into out[0..k). `dropped` (may be null): candidates with a
+// nonzero entry rank below every alive one. Requires 1 <= k <= n.
+template <class T>
+void select_topk(const T* scores, index_t n, index_t k, std::int32_t* out, const std::uint8_t* dropped = nullptr) {
+  using C = detail::Candidate<T>;
+  auto candidate = [&](index_t i) {
+    const T s = scores[i];
+    return C{dropped == nullptr || dropped[i] == 0, !std::isnan(s), s, static_cast<std::int32_t>(i)};
+  };
+  const auto better = [](const C& a, const C& b) { return a.beats(b); };
+  if (k > 16) {  // large k (top-k activations over thousands of units): linear-time partition
+    std::vector<C> all(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) all[i] = candidate(i);
+    std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), better);
+    std::sort(all.begin(), all.begin() + k, better);
+    for (index_t j = 0; j < k; ++j) out[j] = all[j].index;
+    return;
+  }
+  C top[16];  // insertion into the kept list, best first
+  index_t filled = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const C c = candidate(i);
+    if (filled == k && !c.beats(top[k - 1])) continue;
+    index_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && c.beats(top[pos - 1])) {
+      top[pos] = top[pos - 1];
+      --pos;
+    }
+    top[pos] = c;
+  }
+  for (index_t j = 0; j < k; ++j) out[j] = top[j].index;
+}
+
+}  // namespace smoe
