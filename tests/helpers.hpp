@@ -46,4 +46,31 @@ constexpr double tolerance() {
   return sizeof(T) == 8 ? 1e-12 : 2e-5;
 }
 
+// Central difference (f(v_i + h) − f(v_i − h)) / 2h at element i of v (a Tensor or a vector), in double.
+template <class V, class F>
+double central_difference(V& v, std::size_t i, double h, F&& f) {
+  const auto saved = v[i];
+  v[i] = saved + h;
+  const double plus = f();
+  v[i] = saved - h;
+  const double minus = f();
+  v[i] = saved;
+  return (plus - minus) / (2 * h);
+}
+
+// Gradient tolerance: double backward vs double central differences is ~1e-9; float carries its rounding.
+template <class T>
+constexpr double grad_tolerance() {
+  return sizeof(T) == 8 ? 1e-7 : 1e-4;
+}
+
+// dx matches the central differences of objective() with respect to every element of x.
+template <class F>
+void require_input_gradient(Tensor<double>& x, const Tensor<double>& dx, F&& objective, double tol = 1e-7) {
+  for (index_t i = 0; i < x.size(); ++i) {
+    INFO("dx[" << i << "]");
+    CHECK(dx[i] == Approx(central_difference(x, std::size_t(i), 1e-6, objective)).epsilon(tol).margin(tol));
+  }
+}
+
 }  // namespace smoe::test

@@ -126,15 +126,7 @@ TEMPLATE_TEST_CASE("FeedForwardExperts backward matches finite differences", "[e
   const auto r = check_parameter_gradients(experts, objective, 1e-6, 1000);
   INFO(r.worst_parameter << "[" << r.worst_index << "]");
   CHECK(r.worst_error < 1e-7);
-  for (index_t i = 0; i < x.size(); ++i) {
-    const double saved = x[i];
-    x[i] = saved + 1e-6;
-    const double plus = objective();
-    x[i] = saved - 1e-6;
-    const double minus = objective();
-    x[i] = saved;
-    CHECK(dx[i] == Approx((plus - minus) / 2e-6).epsilon(1e-7).margin(1e-8));
-  }
+  test::require_input_gradient(x, dx, objective, 1e-7);
 }
 
 TEST_CASE("FeedForwardExperts rejects mismatched inputs", "[experts][errors]") {
@@ -203,13 +195,5 @@ TEST_CASE("DenseMLP and Top-K MLP gradients match finite differences", "[dense]"
   const auto r = check_parameter_gradients(mlp, objective, 1e-6, 1000);
   INFO(r.worst_parameter << "[" << r.worst_index << "]");
   CHECK(r.worst_error < 1e-7);
-  for (index_t i = 0; i < x.size(); ++i) {
-    const double saved = x[i];
-    x[i] = saved + 1e-6;
-    const double plus = objective();
-    x[i] = saved - 1e-6;
-    const double minus = objective();
-    x[i] = saved;
-    CHECK(dx[i] == Approx((plus - minus) / 2e-6).epsilon(1e-7).margin(1e-8));
-  }
+  test::require_input_gradient(x, dx, objective, 1e-7);
 }

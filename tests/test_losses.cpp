@@ -150,22 +150,7 @@ Routing<T> make_routing(const Data& d) {
   return r;
 }
 
-// Central difference in double of f at v[i].
-template <class F>
-double central(std::vector<double>& v, std::size_t i, double h, F&& f) {
-  const double saved = v[i];
-  v[i] = saved + h;
-  const double plus = f();
-  v[i] = saved - h;
-  const double minus = f();
-  v[i] = saved;
-  return (plus - minus) / (2 * h);
-}
 
-template <class T>
-constexpr double grad_tolerance() {
-  return sizeof(T) == 8 ? 1e-7 : 1e-4;
-}
 
 // actual − base ≈ expected, relative to the largest |expected|.
 template <class A>
@@ -362,8 +347,8 @@ TEMPLATE_TEST_CASE("logit-based loss gradients match finite differences", "[loss
     loss.backward(r, sh.E, dl.matrix(), dg.matrix());
     std::vector<double> fd(d.logits.size());
     for (std::size_t i = 0; i < fd.size(); ++i)
-      fd[i] = coef * central(d.logits, i, h, [&] { return ref(d.logits, sh.T, sh.E); });
-    require_added(dl, dl0, fd, grad_tolerance<T>(), "d_logits");
+      fd[i] = coef * test::central_difference(d.logits, i, h, [&] { return ref(d.logits, sh.T, sh.E); });
+    require_added(dl, dl0, fd, test::grad_tolerance<T>(), "d_logits");
     for (index_t i = 0; i < dg.size(); ++i) REQUIRE(dg[i] == T(dg0[static_cast<std::size_t>(i)]));
   };
   SECTION("Switch") {
@@ -401,10 +386,10 @@ TEMPLATE_TEST_CASE("importance loss gradient w.r.t. gates matches finite differe
   loss.backward(r, sh.E, dl.matrix(), dg.matrix());
   std::vector<double> fd(d.gates.size());
   for (std::size_t i = 0; i < fd.size(); ++i)
-    fd[i] = coef * central(d.gates, i, 1e-5, [&] { return ref_importance(d.ids, d.gates, sh.E); });
+    fd[i] = coef * test::central_difference(d.gates, i, 1e-5, [&] { return ref_importance(d.ids, d.gates, sh.E); });
   for (std::size_t i = 0; i < fd.size(); ++i)
     if (d.ids[i] < 0) REQUIRE(fd[i] == 0.0);  // empty assignments carry no gradient
-  require_added(dg, dg0, fd, grad_tolerance<T>(), "d_gates");
+  require_added(dg, dg0, fd, test::grad_tolerance<T>(), "d_gates");
   for (index_t i = 0; i < dl.size(); ++i) REQUIRE(dl[i] == T(dl0[static_cast<std::size_t>(i)]));  // no logit gradient
 }
 

@@ -53,16 +53,7 @@ void check_layer_gradients(Layer& layer, index_t tokens, double tol = 1e-7) {
   const auto r = check_parameter_gradients(layer, [&] { return objective(layer, x, dy); }, 1e-6, 2000);
   INFO("worst parameter " << r.worst_parameter << "[" << r.worst_index << "], error " << r.worst_error);
   CHECK(r.worst_error < tol);
-  for (index_t i = 0; i < x.size(); ++i) {
-    const double saved = x[i];
-    x[i] = saved + 1e-6;
-    const double plus = objective(layer, x, dy);
-    x[i] = saved - 1e-6;
-    const double minus = objective(layer, x, dy);
-    x[i] = saved;
-    INFO("dx[" << i << "]");
-    CHECK(dx[i] == Approx((plus - minus) / 2e-6).epsilon(tol).margin(tol));
-  }
+  test::require_input_gradient(x, dx, [&] { return objective(layer, x, dy); }, tol);
 }
 
 template <class Act, class G, class... Losses>

@@ -546,24 +546,7 @@ double objective(Kind kind, const std::vector<double>& s, const std::vector<int>
   return J;
 }
 
-// Central difference of f at v[i] in double.
-template <class F>
-double central(std::vector<double>& v, std::size_t i, double h, F&& f) {
-  const double saved = v[i];
-  v[i] = saved + h;
-  const double plus = f();
-  v[i] = saved - h;
-  const double minus = f();
-  v[i] = saved;
-  return (plus - minus) / (2 * h);
-}
 
-// Gradient tolerance relative to the largest gradient entry: double backward vs double central
-// differences is ~1e-9 here; float backward carries float rounding.
-template <class T>
-constexpr double grad_tolerance() {
-  return sizeof(T) == 8 ? 1e-7 : 1e-4;
-}
 
 template <class A>
 void require_grad_close(const A& actual, const std::vector<double>& expected, double tol, const char* what) {
@@ -618,22 +601,22 @@ TEMPLATE_TEST_CASE("TopKRouter backward matches finite differences", "[routing][
                    const double h = 1e-5;
                    std::vector<double> gw(w.size()), gx(x.size()), got_w(w.size()), got_x(x.size());
                    for (std::size_t i = 0; i < w.size(); ++i) {
-                     gw[i] = central(w, i, h, J);
+                     gw[i] = test::central_difference(w, i, h, J);
                      got_w[i] = double(grad[static_cast<index_t>(i)]) - gw0[i];
                    }
                    for (std::size_t i = 0; i < x.size(); ++i) {
-                     gx[i] = central(x, i, h, J);
+                     gx[i] = test::central_difference(x, i, h, J);
                      got_x[i] = double(dx[static_cast<index_t>(i)]) - dx0[i];
                    }
-                   require_grad_close(got_w, gw, grad_tolerance<T>(), "d weight");
-                   require_grad_close(got_x, gx, grad_tolerance<T>(), "dx");
+                   require_grad_close(got_w, gw, test::grad_tolerance<T>(), "d weight");
+                   require_grad_close(got_x, gx, test::grad_tolerance<T>(), "dx");
 
                    // d_logits on exit = ∂J/∂s (the losses' part c2 plus the gates' part).
                    auto s = ref_logits(x, w, c.tokens, c.d, c.E);
                    std::vector<double> gs(s.size());
                    for (std::size_t i = 0; i < s.size(); ++i)
-                     gs[i] = central(s, i, h, [&] { return objective(kind, s, ids, cg, cl, c.tokens, c.E, c.K); });
-                   require_grad_close(dl, gs, grad_tolerance<T>(), "d_logits");
+                     gs[i] = test::central_difference(s, i, h, [&] { return objective(kind, s, ids, cg, cl, c.tokens, c.E, c.K); });
+                   require_grad_close(dl, gs, test::grad_tolerance<T>(), "d_logits");
                  });
 }
 
