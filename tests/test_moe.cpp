@@ -370,3 +370,101 @@ TEST_CASE("results are bitwise identical for any thread count", "[moe][determini
   CHECK(one == two);
 }
 #endif
+
+TEST_CASE("capacity drops over-capacity assignments by priority, exactly and with exact gradients", "[moe][capacity]") {
+  const index_t d = 5, E = 4, K = 2, tokens = 9;
+  const auto priority = GENERATE(CapacityPolicy::Priority::position, CapacityPolicy::Priority::gate);
+  MoE layer(SoftmaxTopK<double>({d, E, K}, SoftmaxGate{.renormalize = true}), GeluExperts<double>({d, E, 3}),
+            WeightedSum<double>{}, ImportanceLoss<double>(0.3), EntropyLoss<double>(0.2));
+  randomize_parameters(layer, 0.8);
+  layer.capacity = {.capacity_factor = 0.5, .priority = priority};  // C = ceil(0.5 · 9 · 2 / 4) = 3
+  const auto x = test::random_matrix<double>(tokens, d, 12);
+  Tensor<double> y({tokens, d});
+  const auto out = layer.forward(x.matrix(), y.matrix(), Mode::train);
+
+  // Naive reference of the drop rule on the router's own choice.
+  const auto& r = layer.routing();
+  std::vector<std::pair<double, index_t>> order;  // (sort key, flat index (t, k))
+  for (index_t j = 0; j < K; ++j)
+    for (index_t t = 0; t < tokens; ++t)
+      order.push_back({priority == CapacityPolicy::Priority::gate ? -r.gates[t * K + j] : 0.0, t * K + j});
+  std::stable_sort(order.begin(), order.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  std::vector<int> load(E, 0);
+  std::vector<std::int32_t> expected(static_cast<std::size_t>(tokens * K));
+  index_t dropped = 0;
+  for (auto [key, i] : order) {
+    const auto e = r.experts[i];
+    expected[i] = load[e] < 3 ? (++load[e], e) : (++dropped, -1);
+  }
+  const auto& kept = layer.dispatched_experts();
+  CHECK(std::vector<std::int32_t>(kept.data(), kept.data() + kept.size()) == expected);
+  CHECK(out.stats.dropped == dropped);
+  CHECK(dropped > 0);
+  CHECK(out.stats.fraction_dropped == Approx(double(dropped) / double(tokens * K)));
+  for (index_t c : out.stats.tokens_per_expert) CHECK(c <= 3);
+  // y is the gated sum over the kept assignments only.
+  const auto w1 = values_of(layer.experts().w1()), w2 = values_of(layer.experts().w2());
+  std::vector<double> y_ref;
+  for (index_t t = 0; t < tokens; ++t) {
+    std::vector<double> row(d, 0.0);
+    for (index_t j = 0; j < K; ++j) {
+      const auto e = expected[t * K + j];
+      if (e < 0) continue;
+      const auto o = ref::expert(ref::Act::gelu, int(d), 3, x.data() + t * d, &w1[e * d * 3], &w2[e * 3 * d], nullptr, nullptr);
+      for (index_t c = 0; c < d; ++c) row[c] += r.gates[t * K + j] * o[c];
+    }
+    y_ref.insert(y_ref.end(), row.begin(), row.end());
+  }
+  test::require_close(y, y_ref, 1e-12, 1e-12, "y");
+  check_layer_gradients(layer, tokens);
+}
+
+TEST_CASE("routing statistics match their definitions", "[moe][stats]") {
+  const index_t d = 4, E = 5, K = 2, tokens = 11;
+  MoE layer(SigmoidTopK<double>({d, E, K}), ReluExperts<double>({d, E, 3}));
+  randomize_parameters(layer, 1.0);
+  layer.capacity = {.capacity_factor = 0.4};  // C = ceil(0.4 · 22 / 5) = 2: some tokens lose both
+  const auto x = test::random_matrix<double>(tokens, d, 40);
+  Tensor<double> y({tokens, d});
+  const auto s = layer.forward(x.matrix(), y.matrix()).stats;
+  const auto& kept = layer.dispatched_experts();
+  const auto& logits = layer.routing().logits;
+  std::vector<index_t> load(E, 0);
+  index_t without = 0, assigned = 0;
+  for (index_t t = 0; t < tokens; ++t) {
+    bool any = false;
+    for (index_t j = 0; j < K; ++j)
+      if (kept[t * K + j] >= 0) ++load[kept[t * K + j]], ++assigned, any = true;
+    without += any ? 0 : 1;
+  }
+  CHECK(s.tokens_per_expert == load);
+  CHECK(s.assignments == assigned);
+  CHECK(s.dropped == tokens * K - assigned);
+  CHECK(s.tokens_without_expert == without);
+  std::vector<double> p(E, 0.0);
+  for (index_t t = 0; t < tokens; ++t) {
+    double z = 0;
+    for (index_t e = 0; e < E; ++e) z += std::exp(logits[t * E + e]);
+    for (index_t e = 0; e < E; ++e) p[e] += std::exp(logits[t * E + e]) / z / double(tokens);
+  }
+  double H = 0, mean = double(assigned) / double(E), var = 0;
+  for (double v : p) H -= v * std::log(v);
+  for (index_t c : load) var += (double(c) - mean) * (double(c) - mean) / double(E);
+  CHECK(s.routing_entropy == Approx(H).epsilon(1e-12));
+  CHECK(s.load_cv == Approx(std::sqrt(var) / mean).epsilon(1e-12));
+  std::ostringstream table, csv;
+  print_routing_stats(table, s);
+  write_routing_stats_csv_header(csv, E);
+  write_routing_stats_csv_row(csv, 7, 0, s);
+  CHECK_THAT(table.str(), Catch::Contains("tokens without expert " + std::to_string(without)));
+  CHECK_THAT(csv.str(), Catch::StartsWith("step,layer,assignments,dropped"));
+  CHECK_THAT(csv.str(), Catch::Contains("\n7,0," + std::to_string(assigned) + ","));
+}
+
+TEST_CASE("a negative capacity factor is refused", "[moe][capacity][errors]") {
+  MoE layer(SigmoidTopK<float>({2, 2, 1}), ReluExperts<float>({2, 2, 2}));
+  layer.capacity.capacity_factor = -1;
+  Tensor<float> x({3, 2}), y({3, 2});
+  x.zero();
+  REQUIRE_THROWS_WITH(layer.forward(x.matrix(), y.matrix()), Catch::Contains("capacity_factor must be >= 0"));
+}

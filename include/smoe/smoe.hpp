@@ -9,6 +9,7 @@
 #include "smoe/core/validate.hpp"
 #include "smoe/core/view.hpp"
 
+#include "smoe/routing/capacity.hpp"
 #include "smoe/routing/expert_dropout.hpp"
 #include "smoe/routing/routing.hpp"
 #include "smoe/routing/sigmoid_topk.hpp"
@@ -30,6 +31,7 @@
 
 #include "smoe/layers/dense_mlp.hpp"
 #include "smoe/layers/moe.hpp"
+#include "smoe/layers/routing_stats.hpp"
 
 #include "smoe/train/gradient_check.hpp"
 #include "smoe/train/init.hpp"

@@ -19,17 +19,12 @@
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
 #include "smoe/experts/experts.hpp"
+#include "smoe/layers/routing_stats.hpp"
 #include "smoe/losses/balance_loss.hpp"
+#include "smoe/routing/capacity.hpp"
 #include "smoe/routing/routing.hpp"
 
 namespace smoe {
-
-struct RoutingStats {
-  std::vector<index_t> tokens_per_expert;  // assignments per expert
-  index_t assignments = 0;                 // non-empty (token, k) assignments
-  index_t dropped = 0;                     // (token, k) assignments left empty or dropped
-  double fraction_dropped = 0.0;           // dropped / (T·K), 0 when T = 0
-};
 
 template <class T>
 struct MoEOutput {
@@ -50,6 +45,8 @@ class MoE {
 
   // Validate inputs for NaN/Inf (forward x, backward dy); on by default in debug builds.
   bool validate_inputs = validate_by_default;
+  // Expert capacity for token-choice routers; dropless by default.
+  CapacityPolicy capacity{};
 
   MoE(R router, X experts, C combiner = {}, Losses... losses)
       : router_(std::move(router)), experts_(std::move(experts)), combiner_(std::move(combiner)), losses_(losses...) {
@@ -66,6 +63,8 @@ class MoE {
   std::tuple<Losses...>& losses() { return losses_; }
   const Routing<T>& routing() const { return routing_; }
   const Dispatch<T>& dispatch() const { return dispatch_; }
+  // The router's ids with capacity-dropped assignments set to −1: what the experts computed.
+  const Tensor<std::int32_t>& dispatched_experts() const { return dispatched_; }
 
   template <class F>
   void for_each_parameter(F&& f) {
@@ -84,7 +83,8 @@ class MoE {
     router_.forward(x_.matrix(), routing_, mode);
     expect_shape(name, "router output experts", ConstMatrixView<std::int32_t>(routing_.experts.matrix()), tokens, K);
     expect_shape(name, "router output gates", ConstMatrixView<T>(routing_.gates.matrix()), tokens, K);
-    build_dispatch(std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
+    routing_.dropped = apply_capacity(capacity, E, routing_, dispatched_);
+    build_dispatch(std::as_const(dispatched_).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
     ys_.resize({dispatch_.assignments(), d});
     experts_.forward(x_.matrix(), dispatch_, ys_.matrix());
     combiner_.forward(dispatch_, ys_.matrix(), y);
@@ -93,11 +93,7 @@ class MoE {
     std::apply([&](auto&... loss) { ((out.loss_values.push_back(loss.forward(routing_, E))), ...); }, losses_);
     std::size_t i = 0;
     std::apply([&](auto&... loss) { ((out.aux_loss += T(loss.coef) * out.loss_values[i++]), ...); }, losses_);
-    out.stats.tokens_per_expert.resize(static_cast<std::size_t>(E));
-    for (index_t e = 0; e < E; ++e) out.stats.tokens_per_expert[e] = dispatch_.count(e);
-    out.stats.assignments = dispatch_.assignments();
-    out.stats.dropped = tokens * K - dispatch_.assignments();
-    out.stats.fraction_dropped = tokens == 0 ? 0.0 : double(out.stats.dropped) / double(tokens * K);
+    out.stats = compute_routing_stats(routing_, dispatch_);
     return out;
   }
 
@@ -125,6 +121,7 @@ class MoE {
   std::tuple<Losses...> losses_;
   Tensor<T> x_;  // copy of the forward input
   Routing<T> routing_;
+  Tensor<std::int32_t> dispatched_;
   Dispatch<T> dispatch_;
   Tensor<T> ys_;                         // per-slot expert outputs
   Tensor<T> dys_, d_gates_, d_logits_;   // backward scratch

@@ -8,7 +8,7 @@
 //                               (id in [0, E), or -1 for an empty assignment) and routing.gates [T, K].
 //   backward(x, routing, d_gates [T, K], d_logits [T, E], dx [T, d])
 //                               d_logits holds the losses' gradient on entry; the router adds the
-//                               gates' contribution, accumulates its parameter gradients and ADDS its
+//                               gates' contribution (skipping ids −1), accumulates its parameter gradients and ADDS its
 //                               input gradient into dx.
 #include <concepts>
 #include <cstdint>
@@ -23,6 +23,7 @@ struct Routing {
   Tensor<T> logits;
   Tensor<std::int32_t> experts;
   Tensor<T> gates;
+  index_t dropped = 0;  // assignments a capacity limit removed in this forward
 
   index_t tokens() const { return experts.rank() == 2 ? experts.dim(0) : 0; }
   index_t k() const { return experts.rank() == 2 ? experts.dim(1) : 0; }

@@ -15,7 +15,8 @@ struct SigmoidGate {
   template <class T>
   void backward(const T*, index_t, const std::int32_t* ids, index_t K, const T* gates, const T* d_gates,
                 T* d_logits) const {
-    for (index_t j = 0; j < K; ++j) d_logits[ids[j]] += d_gates[j] * gates[j] * (T(1) - gates[j]);
+    for (index_t j = 0; j < K; ++j)
+      if (ids[j] >= 0) d_logits[ids[j]] += d_gates[j] * gates[j] * (T(1) - gates[j]);
   }
 };
 

@@ -29,20 +29,23 @@ struct SoftmaxGate {
     }
   }
 
+  // Ids −1 (dropped by capacity) carry gate 0 and d_gate 0: they are skipped.
   template <class T>
   void backward(const T* s, index_t E, const std::int32_t* ids, index_t K, const T* gates, const T* d_gates,
                 T* d_logits) const {
     T dot = 0;  // Σ_k gate_k · d_gate_k
     for (index_t j = 0; j < K; ++j) dot += gates[j] * d_gates[j];
     if (renormalize) {
-      for (index_t j = 0; j < K; ++j) d_logits[ids[j]] += gates[j] * (d_gates[j] - dot);
+      for (index_t j = 0; j < K; ++j)
+        if (ids[j] >= 0) d_logits[ids[j]] += gates[j] * (d_gates[j] - dot);
       return;
     }
     T m = *std::max_element(s, s + E);
     T z = 0;
     for (index_t e = 0; e < E; ++e) z += std::exp(s[e] - m);
     for (index_t e = 0; e < E; ++e) d_logits[e] -= std::exp(s[e] - m) / z * dot;
-    for (index_t j = 0; j < K; ++j) d_logits[ids[j]] += gates[j] * d_gates[j];
+    for (index_t j = 0; j < K; ++j)
+      if (ids[j] >= 0) d_logits[ids[j]] += gates[j] * d_gates[j];
   }
 };
 
