@@ -28,8 +28,9 @@ namespace smoe {
 
 template <class T>
 struct MoEOutput {
-  T aux_loss = 0;               // Σ coef_i · loss_i
+  T aux_loss = 0;               // Σ coef_i · loss_i + router_loss
   std::vector<T> loss_values;   // loss_i without its coefficient, in template order
+  T router_loss = 0;            // the router's own loss, coefficient included (HasRouterLoss)
   RoutingStats stats;
 };
 
@@ -93,6 +94,10 @@ class MoE {
     std::apply([&](auto&... loss) { ((out.loss_values.push_back(loss.forward(routing_, E))), ...); }, losses_);
     std::size_t i = 0;
     std::apply([&](auto&... loss) { ((out.aux_loss += T(loss.coef) * out.loss_values[i++]), ...); }, losses_);
+    if constexpr (HasRouterLoss<R>) {
+      out.router_loss = router_.aux_loss();
+      out.aux_loss += out.router_loss;
+    }
     out.stats = compute_routing_stats(routing_, dispatch_);
     return out;
   }

@@ -10,6 +10,9 @@
 //                               d_logits holds the losses' gradient on entry; the router adds the
 //                               gates' contribution (skipping ids −1), accumulates its parameter gradients and ADDS its
 //                               input gradient into dx.
+// Optionally `T aux_loss() const`: a router-owned loss (coefficient included) of the last forward,
+// for losses that need the router's internals (noisy top-k's load loss); the router's backward
+// then includes its gradient, and MoE<> adds it to the layer's aux loss.
 #include <concepts>
 #include <cstdint>
 
@@ -38,6 +41,11 @@ concept Router = requires(R& r, const R& cr, ConstMatrixView<typename R::scalar_
   { cr.d_model() } -> std::convertible_to<index_t>;
   r.forward(x, routing, mode);
   r.backward(x, std::as_const(routing), d_gates, grad, grad);
+};
+
+template <class R>
+concept HasRouterLoss = requires(const R& r) {
+  { r.aux_loss() } -> std::convertible_to<typename R::scalar_type>;
 };
 
 }  // namespace smoe
