@@ -78,6 +78,9 @@ class MoE {
     expect_shape(name, "x", x, tokens, d);
     expect_shape(name, "y", y, tokens, d);
     if (validate_inputs) check_finite(name, "x", x);
+    if constexpr (requires { R::token_choice; })
+      if (!R::token_choice && capacity.enabled())
+        fail(name, ": capacity applies to token-choice routers; ", R::name, " sets its own capacity");
     x_.resize({tokens, d});
     for (index_t t = 0; t < tokens; ++t) std::copy_n(x.row(t), d, x_.data() + t * d);
 
