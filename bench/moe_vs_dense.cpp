@@ -1,19 +1,27 @@
 // sigma-MoE layer vs the parameter-equal dense MLP, forward and forward+backward, in one binary.
 //
 //   MoE:   SigmoidTopK({d, E, K}) + ReluExperts({d, E, G}) + WeightedSum + EntropyLoss(0.001),
-//          sigma_moe_init; forward in Mode::eval, forward+backward in Mode::train (no expert
-//          dropout, so both modes route identically).
-//   Dense: DenseMLP<float, Relu>({d, d_ff = E·G}), dense_init.
-//   TopK:  the Top-K-activation MLP of sigma-MoE Sec. 3.1, DenseMLP with topk = K·G (optional row).
+//          sigma_moe_init. Forward: Mode::eval. Forward+backward: Mode::train (no expert dropout,
+//          so both modes route the same tokens), the aux loss included.
+//   Dense: DenseMLP<float, Relu>({d, d_ff = E·G}), dense_init: the same parameter count.
+//   TopK:  sigma-MoE's Top-K-activation MLP (Sec. 3.1): DenseMLP with topk = K·G.
 //
-// d = 512, G = 128, K = 4, E ∈ {8, 16, 32, 64}, T = 2048 tokens, float32, x ~ N(0, 1).
-// Benchmark names: <Layer><Pass>/E:<E>, e.g. MoE_Fwd/E:64, Dense_FwdBwd/E:16 (bench/report.py
-// parses them). items/s counts tokens; the FLOP/s counter counts the layer's useful multiply-adds
-// ×2 (active parameters only for the MoE, router included).
+// d = 512, G = 128, K = 4, E ∈ {8, 16, 32, 64}, T = 2048 tokens, float32, x, dy ~ N(0, 1).
+// validate_inputs is off on every layer. All layers use the same OpenMP threads (OMP_NUM_THREADS):
+// the dense GEMMs are multithreaded by Eigen, the MoE runs experts / token blocks in parallel.
+//
+// Names are <Layer>_<Pass>/E:<E> (Layer ∈ {Dense, MoE, TopKMLP}, Pass ∈ {Fwd, FwdBwd}), as
+// bench/report.py expects; they are registered E by E, and bench/run_moe_vs_dense.sh interleaves
+// the repetitions at random so that slow drifts of the machine hit every layer alike. Layers are
+// built once per (layer, E) and reused across repetitions (initialization is not timed).
+// Counters: items/s = tokens/s; FLOP/s = useful FLOPs (2 per multiply-add; for the MoE only the
+// active experts plus the router GEMM; backward counted as twice the forward).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <vector>
 
 #include "smoe/smoe.hpp"
@@ -25,9 +33,11 @@
 namespace {
 
 constexpr smoe::index_t kD = 512, kG = 128, kK = 4, kTokens = 2048;
+constexpr int kExperts[] = {8, 16, 32, 64};
 
 using MoELayer = smoe::MoE<smoe::SigmoidTopK<float>, smoe::ReluExperts<float>, smoe::WeightedSum<float>,
                            smoe::EntropyLoss<float>>;
+using DenseLayer = smoe::DenseMLP<float, smoe::Relu>;
 
 smoe::Tensor<float> normal_tensor(smoe::index_t rows, smoe::index_t cols, std::uint64_t seed) {
   smoe::Tensor<float> t({rows, cols});
@@ -35,25 +45,39 @@ smoe::Tensor<float> normal_tensor(smoe::index_t rows, smoe::index_t cols, std::u
   return t;
 }
 
-MoELayer make_moe(smoe::index_t E) {
-  MoELayer moe(smoe::SigmoidTopK<float>({kD, E, kK}), smoe::ReluExperts<float>({kD, E, kG}),
-               smoe::WeightedSum<float>{}, smoe::EntropyLoss<float>(0.001));
-  smoe::sigma_moe_init(moe, {.scale = 1.0, .seed = 1});
-  moe.validate_inputs = false;
-  return moe;
+const smoe::Tensor<float>& input_x() {
+  static const smoe::Tensor<float> x = normal_tensor(kTokens, kD, 11);
+  return x;
+}
+const smoe::Tensor<float>& input_dy() {
+  static const smoe::Tensor<float> dy = normal_tensor(kTokens, kD, 12);
+  return dy;
 }
 
-smoe::DenseMLP<float, smoe::Relu> make_dense(smoe::index_t E, smoe::index_t topk) {
-  smoe::DenseMLP<float, smoe::Relu> mlp({.d_model = kD, .hidden = E * kG, .bias = false, .topk = topk});
-  smoe::dense_init(mlp, {.scale = 1.0, .seed = 1});
-  mlp.validate_inputs = false;
-  return mlp;
+MoELayer& moe_layer(smoe::index_t E) {
+  static std::map<smoe::index_t, std::unique_ptr<MoELayer>> cache;
+  auto& slot = cache[E];
+  if (!slot) {
+    slot = std::make_unique<MoELayer>(smoe::SigmoidTopK<float>({kD, E, kK}), smoe::ReluExperts<float>({kD, E, kG}),
+                                      smoe::WeightedSum<float>{}, smoe::EntropyLoss<float>(0.001));
+    smoe::sigma_moe_init(*slot, {.scale = 1.0, .seed = 1});
+    slot->validate_inputs = false;
+  }
+  return *slot;
 }
 
-// FLOPs of one forward: 2 per multiply-add; backward costs twice the forward GEMMs.
-double moe_forward_flops(smoe::index_t E) {
-  return 2.0 * kTokens * (double(kD) * E + 2.0 * kK * kG * kD);
+DenseLayer& dense_layer(smoe::index_t E, smoe::index_t topk) {
+  static std::map<std::pair<smoe::index_t, smoe::index_t>, std::unique_ptr<DenseLayer>> cache;
+  auto& slot = cache[{E, topk}];
+  if (!slot) {
+    slot = std::make_unique<DenseLayer>(smoe::DenseMLPConfig{.d_model = kD, .hidden = E * kG, .bias = false, .topk = topk});
+    smoe::dense_init(*slot, {.scale = 1.0, .seed = 1});
+    slot->validate_inputs = false;
+  }
+  return *slot;
 }
+
+double moe_forward_flops(smoe::index_t E) { return 2.0 * kTokens * (double(kD) * E + 2.0 * kK * kG * kD); }
 double dense_forward_flops(smoe::index_t E) { return 2.0 * kTokens * 2.0 * kD * E * kG; }
 
 void set_counters(benchmark::State& state, double flops_per_iter, smoe::index_t E) {
@@ -71,10 +95,9 @@ void set_counters(benchmark::State& state, double flops_per_iter, smoe::index_t 
 #endif
 }
 
-void MoE_Fwd(benchmark::State& state) {
-  const smoe::index_t E = state.range(0);
-  MoELayer moe = make_moe(E);
-  auto x = normal_tensor(kTokens, kD, 11);
+void moe_fwd(benchmark::State& state, smoe::index_t E) {
+  MoELayer& moe = moe_layer(E);
+  const auto& x = input_x();
   smoe::Tensor<float> y({kTokens, kD});
   for (auto _ : state) {
     auto out = moe.forward(x.matrix(), y.matrix(), smoe::Mode::eval);
@@ -85,11 +108,9 @@ void MoE_Fwd(benchmark::State& state) {
   set_counters(state, moe_forward_flops(E), E);
 }
 
-void MoE_FwdBwd(benchmark::State& state) {
-  const smoe::index_t E = state.range(0);
-  MoELayer moe = make_moe(E);
-  auto x = normal_tensor(kTokens, kD, 11);
-  auto dy = normal_tensor(kTokens, kD, 12);
+void moe_fwd_bwd(benchmark::State& state, smoe::index_t E) {
+  MoELayer& moe = moe_layer(E);
+  const auto &x = input_x(), &dy = input_dy();
   smoe::Tensor<float> y({kTokens, kD}), dx({kTokens, kD});
   for (auto _ : state) {
     auto out = moe.forward(x.matrix(), y.matrix(), smoe::Mode::train);
@@ -101,10 +122,9 @@ void MoE_FwdBwd(benchmark::State& state) {
   set_counters(state, 3.0 * moe_forward_flops(E), E);
 }
 
-void dense_fwd(benchmark::State& state, smoe::index_t topk) {
-  const smoe::index_t E = state.range(0);
-  auto mlp = make_dense(E, topk);
-  auto x = normal_tensor(kTokens, kD, 11);
+void dense_fwd(benchmark::State& state, smoe::index_t E, smoe::index_t topk) {
+  DenseLayer& mlp = dense_layer(E, topk);
+  const auto& x = input_x();
   smoe::Tensor<float> y({kTokens, kD});
   for (auto _ : state) {
     mlp.forward(x.matrix(), y.matrix());
@@ -114,11 +134,9 @@ void dense_fwd(benchmark::State& state, smoe::index_t topk) {
   set_counters(state, dense_forward_flops(E), E);
 }
 
-void dense_fwd_bwd(benchmark::State& state, smoe::index_t topk) {
-  const smoe::index_t E = state.range(0);
-  auto mlp = make_dense(E, topk);
-  auto x = normal_tensor(kTokens, kD, 11);
-  auto dy = normal_tensor(kTokens, kD, 12);
+void dense_fwd_bwd(benchmark::State& state, smoe::index_t E, smoe::index_t topk) {
+  DenseLayer& mlp = dense_layer(E, topk);
+  const auto &x = input_x(), &dy = input_dy();
   smoe::Tensor<float> y({kTokens, kD}), dx({kTokens, kD});
   for (auto _ : state) {
     mlp.forward(x.matrix(), y.matrix());
@@ -129,25 +147,26 @@ void dense_fwd_bwd(benchmark::State& state, smoe::index_t topk) {
   set_counters(state, 3.0 * dense_forward_flops(E), E);
 }
 
-void Dense_Fwd(benchmark::State& state) { dense_fwd(state, 0); }
-void Dense_FwdBwd(benchmark::State& state) { dense_fwd_bwd(state, 0); }
-void TopKMLP_Fwd(benchmark::State& state) { dense_fwd(state, kK * kG); }
-void TopKMLP_FwdBwd(benchmark::State& state) { dense_fwd_bwd(state, kK * kG); }
+double min_of(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
-void experts_axis(benchmark::internal::Benchmark* b) {
-  b->ArgName("E");
-  for (int E : {8, 16, 32, 64}) b->Arg(E);
-  // Wall time (the layers run on every OpenMP thread); CPU time is the whole process's.
+void configure(benchmark::internal::Benchmark* b) {
+  // Wall time: the layers run on every OpenMP thread. CPU time is the whole process's.
   b->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime();
-  b->ComputeStatistics("min", [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); });
+  b->ComputeStatistics("min", min_of);
 }
 
-BENCHMARK(Dense_Fwd)->Apply(experts_axis);
-BENCHMARK(MoE_Fwd)->Apply(experts_axis);
-BENCHMARK(TopKMLP_Fwd)->Apply(experts_axis);
-BENCHMARK(Dense_FwdBwd)->Apply(experts_axis);
-BENCHMARK(MoE_FwdBwd)->Apply(experts_axis);
-BENCHMARK(TopKMLP_FwdBwd)->Apply(experts_axis);
+const int registered = [] {
+  for (int E : kExperts) {
+    const std::string e = "/E:" + std::to_string(E);
+    configure(benchmark::RegisterBenchmark(("Dense_Fwd" + e).c_str(), dense_fwd, E, 0));
+    configure(benchmark::RegisterBenchmark(("MoE_Fwd" + e).c_str(), moe_fwd, E));
+    configure(benchmark::RegisterBenchmark(("TopKMLP_Fwd" + e).c_str(), dense_fwd, E, kK * kG));
+    configure(benchmark::RegisterBenchmark(("Dense_FwdBwd" + e).c_str(), dense_fwd_bwd, E, 0));
+    configure(benchmark::RegisterBenchmark(("MoE_FwdBwd" + e).c_str(), moe_fwd_bwd, E));
+    configure(benchmark::RegisterBenchmark(("TopKMLP_FwdBwd" + e).c_str(), dense_fwd_bwd, E, kK * kG));
+  }
+  return 0;
+}();
 
 }  // namespace
 

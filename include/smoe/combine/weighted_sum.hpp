@@ -52,18 +52,14 @@ struct WeightedSum {
       const T* b[chains];
       T* result[chains];
       int pending = 0;
-      for (index_t t = first; t < last; ++t) {
-        const T* g_out = dy.row(t);
+      for (index_t t = first; t < last; ++t)
         for (index_t j = 0; j < K; ++j) {
           const index_t s = dispatch.slot(t, j);
           if (s < 0) {
             d_gates(t, j) = T(0);
             continue;
           }
-          const T g = dispatch.slot_gate[s];
-          T* out = dys.row(s);
-          for (index_t c = 0; c < d; ++c) out[c] = g * g_out[c];
-          a[pending] = g_out;
+          a[pending] = dy.row(t);
           b[pending] = ys.row(s);
           result[pending] = &d_gates(t, j);
           if (++pending == chains) {
@@ -71,8 +67,16 @@ struct WeightedSum {
             pending = 0;
           }
         }
-      }
       for (int q = 0; q < pending; ++q) dots<1>(a + q, b + q, result + q, d);
+      // Then dys (after the block's reads of ys, so dys may alias ys as before).
+      for (index_t t = first; t < last; ++t)
+        for (index_t j = 0; j < K; ++j)
+          if (const index_t s = dispatch.slot(t, j); s >= 0) {
+            const T g = dispatch.slot_gate[s];
+            const T* g_out = dy.row(t);
+            T* out = dys.row(s);
+            for (index_t c = 0; c < d; ++c) out[c] = g * g_out[c];
+          }
     });
   }
 

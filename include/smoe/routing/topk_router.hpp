@@ -99,13 +99,12 @@ class TopKRouter {
     expect_shape(name, "d_logits", d_logits, tokens, E);
     expect_shape(name, "dx", dx, tokens, d_model());
     if (tokens == 0) return;
-    // Fixed blocks, each GEMM single-threaded: results do not depend on the thread count.
+    // Fixed blocks, each GEMM single-threaded: results do not depend on the thread count. x is
+    // read (weight gradient) before dx is written, so dx may alias x.
     parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
       for (index_t t = first; t < last; ++t)
         gate_.backward(r.logits.data() + t * E, E, r.experts.data() + t * K, K, r.gates.data() + t * K,
                        d_gates.row(t), d_logits.row(t));
-      eigen(dx.rows_range(first, last)).noalias() +=
-          eigen(ConstMatrixView<T>(d_logits.rows_range(first, last))) * eigen(weight_.value.matrix());
     });
     // The weight gradient by column blocks: every element still sums over all tokens in order.
     const index_t d = d_model();
@@ -113,6 +112,10 @@ class TopKRouter {
       const MatrixView<T> grad(weight_.grad.data() + first, E, last - first, d);
       const ConstMatrixView<T> xs(x.data + first, tokens, last - first, x.stride);
       eigen(grad).noalias() += eigen(ConstMatrixView<T>(d_logits)).transpose() * eigen(xs);
+    });
+    parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
+      eigen(dx.rows_range(first, last)).noalias() +=
+          eigen(ConstMatrixView<T>(d_logits.rows_range(first, last))) * eigen(weight_.value.matrix());
     });
   }
 
