@@ -46,51 +46,39 @@ struct WeightedSum {
     expect_shape(name, "dys", dys, dispatch.assignments(), d);
     expect_shape(name, "d_gates", d_gates, dispatch.tokens, K);
     cpu_kernels::parallel_for_blocks(dispatch.tokens, token_block, [&](index_t first, index_t last) {
-      // d_gates are dot products summed in column order, one dependent chain each; `chains` of
-      // them (slots of consecutive tokens) run interleaved so the chains overlap.
-      const T* a[chains];
-      const T* b[chains];
-      T* result[chains];
-      int pending = 0;
-      for (index_t t = first; t < last; ++t)
+      for (index_t t = first; t < last; ++t) {
+        const T* g_out = dy.row(t);
         for (index_t j = 0; j < K; ++j) {
           const index_t s = dispatch.slot(t, j);
           if (s < 0) {
             d_gates(t, j) = T(0);
             continue;
           }
-          a[pending] = dy.row(t);
-          b[pending] = ys.row(s);
-          result[pending] = &d_gates(t, j);
-          if (++pending == chains) {
-            dots<chains>(a, b, result, d);
-            pending = 0;
-          }
+          // The slot's ys row is read before its dys row is written, so dys may alias ys.
+          d_gates(t, j) = dot(g_out, ys.row(s), d);
+          const T g = dispatch.slot_gate[s];
+          T* out = dys.row(s);
+          for (index_t c = 0; c < d; ++c) out[c] = g * g_out[c];
         }
-      for (int q = 0; q < pending; ++q) dots<1>(a + q, b + q, result + q, d);
-      // Then dys (after the block's reads of ys, so dys may alias ys as before).
-      for (index_t t = first; t < last; ++t)
-        for (index_t j = 0; j < K; ++j)
-          if (const index_t s = dispatch.slot(t, j); s >= 0) {
-            const T g = dispatch.slot_gate[s];
-            const T* g_out = dy.row(t);
-            T* out = dys.row(s);
-            for (index_t c = 0; c < d; ++c) out[c] = g * g_out[c];
-          }
+      }
     });
   }
 
  private:
   static constexpr index_t token_block = 32;
-  static constexpr int chains = 8;
+  static constexpr index_t lanes = 16;
 
-  // result[q] = Σ_c a[q][c]·b[q][c], each summed in order c = 0, 1, ... (the plain loop's rounding).
-  template <int N>
-  static void dots(const T* const* a, const T* const* b, T* const* result, index_t d) {
-    T acc[N] = {};
-    for (index_t c = 0; c < d; ++c)
-      for (int q = 0; q < N; ++q) acc[q] += a[q][c] * b[q][c];
-    for (int q = 0; q < N; ++q) *result[q] = acc[q];
+  // Σ_c a[c]·b[c] as 16 partial sums (element c into lane c mod 16) added pairwise at the end: an
+  // order fixed by d alone, which the compiler vectorizes.
+  static T dot(const T* a, const T* b, index_t d) {
+    T acc[lanes] = {};
+    index_t c = 0;
+    for (; c + lanes <= d; c += lanes)
+      for (index_t l = 0; l < lanes; ++l) acc[l] += a[c + l] * b[c + l];
+    for (index_t l = 0; c + l < d; ++l) acc[l] += a[c + l] * b[c + l];
+    for (index_t width = lanes / 2; width > 0; width /= 2)
+      for (index_t l = 0; l < width; ++l) acc[l] += acc[l + width];
+    return acc[0];
   }
 };
 

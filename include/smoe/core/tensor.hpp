@@ -62,9 +62,10 @@ class Tensor {
   std::span<T> span() { return {data(), static_cast<std::size_t>(size_)}; }
   std::span<const T> span() const { return {data(), static_cast<std::size_t>(size_)}; }
 
-  // The tensor as a matrix [prod(leading dims), last dim]; a rank-1 tensor is one row.
-  MatrixView<T> matrix() { return {data(), size_ == 0 ? 0 : size_ / last(), last()}; }
-  ConstMatrixView<T> matrix() const { return {data(), size_ == 0 ? 0 : size_ / last(), last()}; }
+  // The tensor as a matrix [prod(leading dims), last dim] ([T, 0] stays T rows of nothing); a
+  // rank-1 tensor is one row (none when empty).
+  MatrixView<T> matrix() { return {data(), leading(), last()}; }
+  ConstMatrixView<T> matrix() const { return {data(), leading(), last()}; }
   // Matrix i of a rank-3 tensor [n, rows, cols] (an expert's weight in [E, d, G]).
   MatrixView<T> slice(index_t i) { return slice_impl<T>(data(), i); }
   ConstMatrixView<T> slice(index_t i) const { return slice_impl<const T>(data(), i); }
@@ -74,6 +75,12 @@ class Tensor {
     void operator()(T* p) const { ::operator delete[](p, std::align_val_t{alignment}); }
   };
   index_t last() const { return shape_.empty() ? 1 : shape_.back(); }
+  index_t leading() const {
+    if (rank() < 2) return size_ == 0 ? 0 : 1;
+    index_t rows = 1;
+    for (std::size_t i = 0; i + 1 < shape_.size(); ++i) rows *= shape_[i];
+    return rows;
+  }
   template <class U>
   MatrixView<U> slice_impl(U* base, index_t i) const {
     if (rank() != 3) fail("Tensor::slice: needs a rank-3 tensor, got rank ", rank());

@@ -8,13 +8,15 @@
 //
 // backward(dy) returns the gradient of Σ(y ⊙ dy) + aux_loss: the aux loss enters the objective
 // with weight 1 (its coefficients are inside). Parameter gradients accumulate; call zero_grad.
-// The layer keeps a copy of x, so the caller's buffer may change between forward and backward.
+// Like an autograd framework's saved tensors, x is not copied: the memory forward read must hold
+// the same values until backward.
 #include <cstdint>
 #include <string_view>
 #include <tuple>
 #include <vector>
 
 #include "smoe/combine/weighted_sum.hpp"
+#include "smoe/core/buffer.hpp"
 #include "smoe/core/dispatch.hpp"
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
@@ -72,6 +74,17 @@ class MoE {
     if constexpr (HasParameters<R>) router_.for_each_parameter(with_prefix("router.", f));
     experts_.for_each_parameter(with_prefix("experts.", f));
   }
+  // Non-trained state of the parts (core/buffer.hpp): buffers such as a selection bias, and the
+  // step counters of stochastic routers.
+  template <class F>
+  void for_each_buffer(F&& f) {
+    if constexpr (HasBuffers<R>) router_.for_each_buffer(with_prefix("router.", f));
+    if constexpr (HasBuffers<X>) experts_.for_each_buffer(with_prefix("experts.", f));
+  }
+  template <class F>
+  void for_each_counter(F&& f) {
+    if constexpr (HasCounters<R>) router_.for_each_counter(with_prefix("router.", f));
+  }
 
   MoEOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, Mode mode = Mode::eval) {
     const index_t tokens = x.rows, d = d_model(), E = n_experts(), K = k();
@@ -81,16 +94,16 @@ class MoE {
     if constexpr (requires { R::token_choice; })
       if (!R::token_choice && capacity.enabled())
         fail(name, ": capacity applies to token-choice routers; ", R::name, " sets its own capacity");
-    x_.resize({tokens, d});
-    for (index_t t = 0; t < tokens; ++t) std::copy_n(x.row(t), d, x_.data() + t * d);
+    x_ = x;
+    has_forward_ = true;
 
-    router_.forward(x_.matrix(), routing_, mode);
+    router_.forward(x_, routing_, mode);
     expect_shape(name, "router output experts", ConstMatrixView<std::int32_t>(routing_.experts.matrix()), tokens, K);
     expect_shape(name, "router output gates", ConstMatrixView<T>(routing_.gates.matrix()), tokens, K);
     routing_.dropped = apply_capacity(capacity, E, routing_, dispatched_);
     build_dispatch(std::as_const(dispatched_).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
     ys_.resize({dispatch_.assignments(), d});
-    experts_.forward(x_.matrix(), dispatch_, ys_.matrix());
+    experts_.forward(x_, dispatch_, ys_.matrix());
     combiner_.forward(dispatch_, ys_.matrix(), y);
 
     MoEOutput<T> out;
@@ -107,19 +120,20 @@ class MoE {
 
   void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
     const index_t tokens = dispatch_.tokens, d = d_model(), E = n_experts(), K = k();
-    if (x_.rank() != 2) fail(name, ": backward called before forward");
+    if (!has_forward_) fail(name, ": backward called before forward");
     expect_shape(name, "dy", dy, tokens, d);
     expect_shape(name, "dx", dx, tokens, d);
     if (validate_inputs) check_finite(name, "dy", dy);
     dys_.resize({dispatch_.assignments(), d});
     d_gates_.resize({tokens, K});
-    d_logits_.resize({tokens, E});
+    // [T, E] for routers with logits; [T, 0] for those without (hash, product keys): nothing flows there.
+    d_logits_.resize({tokens, routing_.logits.rank() == 2 ? routing_.logits.dim(1) : 0});
     d_logits_.zero();
     combiner_.backward(dispatch_, ys_.matrix(), dy, dys_.matrix(), d_gates_.matrix());
     std::apply([&](auto&... loss) { (loss.backward(routing_, E, d_logits_.matrix(), d_gates_.matrix()), ...); },
                losses_);
-    experts_.backward(x_.matrix(), dispatch_, dys_.matrix(), dx);
-    router_.backward(x_.matrix(), routing_, d_gates_.matrix(), d_logits_.matrix(), dx);
+    experts_.backward(x_, dispatch_, dys_.matrix(), dx);
+    router_.backward(x_, routing_, d_gates_.matrix(), d_logits_.matrix(), dx);
   }
 
  private:
@@ -127,7 +141,8 @@ class MoE {
   X experts_;
   C combiner_;
   std::tuple<Losses...> losses_;
-  Tensor<T> x_;  // copy of the forward input
+  ConstMatrixView<T> x_;  // the forward input (not copied)
+  bool has_forward_ = false;
   Routing<T> routing_;
   Tensor<std::int32_t> dispatched_;
   Dispatch<T> dispatch_;

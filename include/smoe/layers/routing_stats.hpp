@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "smoe/core/dispatch.hpp"
+#include "smoe/losses/balance_loss.hpp"
 #include "smoe/routing/routing.hpp"
 
 namespace smoe {
@@ -41,13 +42,10 @@ RoutingStats compute_routing_stats(const Routing<T>& r, const Dispatch<T>& dispa
   std::vector<double> p(static_cast<std::size_t>(E), 0.0);
   const bool has_logits = r.logits.rank() == 2 && r.logits.dim(1) == E && tokens > 0;
   if (has_logits) {
-    for (index_t t = 0; t < tokens; ++t) {
-      const T* l = r.logits.data() + t * E;
-      double m = -INFINITY, z = 0;
-      for (index_t e = 0; e < E; ++e) m = std::max(m, double(l[e]));
-      for (index_t e = 0; e < E; ++e) z += std::exp(double(l[e]) - m);
-      for (index_t e = 0; e < E; ++e) p[e] += std::exp(double(l[e]) - m) / z / double(tokens);
-    }
+    std::vector<T> lse;
+    detail::row_logsumexp(r.logits, E, lse);
+    const std::vector<T> sums = detail::softmax_column_sums(r.logits, E, lse);
+    for (index_t e = 0; e < E; ++e) p[e] = double(sums[e]) / double(tokens);
   } else if (s.assignments > 0) {
     for (index_t e = 0; e < E; ++e) p[e] = double(s.tokens_per_expert[e]) / double(s.assignments);
   }

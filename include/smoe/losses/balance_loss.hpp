@@ -8,7 +8,11 @@
 #include <algorithm>
 #include <cmath>
 #include <concepts>
+#include <vector>
 
+#include <Eigen/Core>
+
+#include "smoe/cpu/parallel.hpp"
 #include "smoe/routing/routing.hpp"
 
 namespace smoe {
@@ -30,6 +34,70 @@ T logsumexp(const T* s, index_t n) {
   T z = 0;
   for (index_t i = 0; i < n; ++i) z += std::exp(s[i] - m);
   return m + std::log(z);
+}
+
+// The logit losses work on fixed blocks of tokens: rows in parallel, per-block partial sums merged
+// in block order, so results never depend on the thread count. exp runs vectorized (Eigen arrays).
+inline constexpr index_t loss_token_block = 256;
+
+template <class T>
+using ArrayMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+template <class T>
+using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+
+// lse[t] = log Σ_e exp(s[t, e]) for every token of logits [T, E]; a row whose max is not finite
+// (all −Inf, a +Inf or NaN) gets that max, as logsumexp does.
+template <class T>
+void row_logsumexp(const Tensor<T>& logits, index_t E, std::vector<T>& lse) {
+  const index_t tokens = logits.rank() == 2 ? logits.dim(0) : 0;
+  lse.resize(static_cast<std::size_t>(tokens));
+  cpu_kernels::parallel_for_blocks(tokens, loss_token_block, [&](index_t first, index_t last) {
+    for (index_t t = first; t < last; ++t) {
+      const ConstArrayMap<T> s(logits.data() + t * E, E);
+      const T m = s.maxCoeff();
+      lse[t] = std::isfinite(m) ? m + std::log((s - m).exp().sum()) : m;
+    }
+  });
+}
+
+// q = softmax(s[0..E)) given its lse, vectorized.
+template <class T>
+void softmax_row(const T* s, index_t E, T lse, T* q) {
+  ArrayMap<T>(q, E) = (ConstArrayMap<T>(s, E) - lse).exp();
+}
+
+// Calls f(t, q) for every token with q = softmax(logits[t]) (from lse), per token block in
+// parallel; f must only write to per-token outputs.
+template <class T, class F>
+void for_each_softmax_row(const Tensor<T>& logits, index_t E, const std::vector<T>& lse, F&& f) {
+  const index_t tokens = static_cast<index_t>(lse.size());
+  cpu_kernels::parallel_for_blocks(tokens, loss_token_block, [&](index_t first, index_t last) {
+    std::vector<T> q(static_cast<std::size_t>(E));
+    for (index_t t = first; t < last; ++t) {
+      softmax_row(logits.data() + t * E, E, lse[t], q.data());
+      f(t, static_cast<const T*>(q.data()));
+    }
+  });
+}
+
+// Σ_t softmax(logits[t]) [E]: per-block sums in token order, then the blocks in order.
+template <class T>
+std::vector<T> softmax_column_sums(const Tensor<T>& logits, index_t E, const std::vector<T>& lse) {
+  const index_t tokens = static_cast<index_t>(lse.size());
+  const index_t blocks = std::max<index_t>(1, tokens / loss_token_block);
+  std::vector<T> partial(static_cast<std::size_t>(blocks * E), T(0));
+  cpu_kernels::parallel_for_blocks(tokens, loss_token_block, [&](index_t first, index_t last) {
+    ArrayMap<T> sum(partial.data() + first / loss_token_block * E, E);
+    std::vector<T> q(static_cast<std::size_t>(E));
+    for (index_t t = first; t < last; ++t) {
+      softmax_row(logits.data() + t * E, E, lse[t], q.data());
+      sum += ConstArrayMap<T>(q.data(), E);
+    }
+  });
+  std::vector<T> total(static_cast<std::size_t>(E), T(0));
+  for (index_t b = 0; b < blocks; ++b)
+    for (index_t e = 0; e < E; ++e) total[e] += partial[b * E + e];
+  return total;
 }
 
 // Checks that routing.logits is [T, E]: the logit-based losses need raw router scores.

@@ -26,35 +26,41 @@ struct SwitchBalanceLoss {
     detail::expect_logits(name, r, E);
     const index_t tokens = r.tokens();
     f_.assign(static_cast<std::size_t>(E), T(0));
-    std::vector<T> P(static_cast<std::size_t>(E), T(0));
+    detail::row_logsumexp(r.logits, E, lse_);
+    if (tokens == 0) return T(0);
+    std::vector<index_t> top_count(static_cast<std::size_t>(E), 0);
     for (index_t t = 0; t < tokens; ++t) {
-      const T* s = r.logits.data() + t * E;
       std::int32_t top;
-      select_topk(s, E, 1, &top);
-      f_[top] += T(1) / T(tokens);
-      const T lse = detail::logsumexp(s, E);
-      for (index_t e = 0; e < E; ++e) P[e] += std::exp(s[e] - lse) / T(tokens);
+      select_topk(r.logits.data() + t * E, E, 1, &top);
+      ++top_count[top];
     }
+    const std::vector<T> P = detail::softmax_column_sums(r.logits, E, lse_);
     T loss = 0;
-    for (index_t e = 0; e < E; ++e) loss += f_[e] * P[e];
+    for (index_t e = 0; e < E; ++e) {
+      f_[e] = T(top_count[e]) / T(tokens);
+      loss += f_[e] * P[e] / T(tokens);
+    }
     return T(E) * loss;
   }
 
   // ∂L/∂s_ti = (E/T) · p_ti · (f_i − Σ_e f_e p_te)
   void backward(const Routing<T>& r, index_t E, MatrixView<T> d_logits, MatrixView<T>) const {
+    using detail::ArrayMap, detail::ConstArrayMap;
     const index_t tokens = r.tokens();
-    for (index_t t = 0; t < tokens; ++t) {
-      const T* s = r.logits.data() + t * E;
-      const T lse = detail::logsumexp(s, E);
-      T fp = 0;
-      for (index_t e = 0; e < E; ++e) fp += f_[e] * std::exp(s[e] - lse);
-      for (index_t e = 0; e < E; ++e)
-        d_logits(t, e) += T(coef) * T(E) / T(tokens) * std::exp(s[e] - lse) * (f_[e] - fp);
-    }
+    if (tokens == 0) return;
+    expect_equal(name, "tokens of backward (= tokens of the last forward)", index_t(lse_.size()), tokens);
+    const ConstArrayMap<T> f(f_.data(), E);
+    const T scale = T(coef) * T(E) / T(tokens);
+    detail::for_each_softmax_row(r.logits, E, lse_, [&](index_t t, const T* q_data) {
+      const ConstArrayMap<T> p(q_data, E);
+      const T fp = (f * p).sum();
+      ArrayMap<T>(d_logits.row(t), E) += scale * p * (f - fp);
+    });
   }
 
  private:
-  std::vector<T> f_;  // from forward: the non-differentiable dispatch fractions
+  std::vector<T> f_;    // from forward: the non-differentiable dispatch fractions
+  std::vector<T> lse_;  // per-token logsumexp of the last forward
 };
 
 }  // namespace smoe

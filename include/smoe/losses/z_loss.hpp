@@ -13,25 +13,28 @@ struct RouterZLoss {
 
   explicit RouterZLoss(double coefficient = 0.001) : coef(coefficient) {}
 
-  T forward(const Routing<T>& r, index_t E) const {
+  T forward(const Routing<T>& r, index_t E) {
     detail::expect_logits(name, r, E);
+    detail::row_logsumexp(r.logits, E, lse_);
     T loss = 0;
-    for (index_t t = 0; t < r.tokens(); ++t) {
-      const T lse = detail::logsumexp(r.logits.data() + t * E, E);
-      loss += lse * lse;
-    }
+    for (const T v : lse_) loss += v * v;  // token order
     return r.tokens() == 0 ? T(0) : loss / T(r.tokens());
   }
 
   // ∂L/∂s_ti = (2/T) · lse_t · softmax(s_t)_i
   void backward(const Routing<T>& r, index_t E, MatrixView<T> d_logits, MatrixView<T>) const {
+    using detail::ArrayMap, detail::ConstArrayMap;
     const index_t tokens = r.tokens();
-    for (index_t t = 0; t < tokens; ++t) {
-      const T* s = r.logits.data() + t * E;
-      const T lse = detail::logsumexp(s, E);
-      for (index_t e = 0; e < E; ++e) d_logits(t, e) += T(coef) * T(2) / T(tokens) * lse * std::exp(s[e] - lse);
-    }
+    if (tokens == 0) return;
+    expect_equal(name, "tokens of backward (= tokens of the last forward)", index_t(lse_.size()), tokens);
+    const T scale = T(coef) * T(2) / T(tokens);
+    detail::for_each_softmax_row(r.logits, E, lse_, [&](index_t t, const T* q) {
+      ArrayMap<T>(d_logits.row(t), E) += (scale * lse_[t]) * ConstArrayMap<T>(q, E);
+    });
   }
+
+ private:
+  std::vector<T> lse_;  // per-token logsumexp of the last forward
 };
 
 }  // namespace smoe

@@ -25,8 +25,8 @@
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
-#include "smoe/cpu/eigen.hpp"
 #include "smoe/cpu/parallel.hpp"
+#include "smoe/routing/linear_scores.hpp"
 #include "smoe/routing/routing.hpp"
 #include "smoe/routing/topk_select.hpp"
 
@@ -86,9 +86,9 @@ class ExpertChoiceRouter {
     probs_.resize({tokens, E});
     // Logits GEMM per token block (single-threaded each: rounding independent of the thread
     // count), then the per-token softmax while the block is in cache.
+    scores_.prepare(std::as_const(weight_.value).matrix());
     parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      eigen(out.logits.matrix().rows_range(first, last)).noalias() =
-          eigen(x.rows_range(first, last)) * eigen(weight_.value.matrix()).transpose();
+      scores_.forward_block(x.rows_range(first, last), out.logits.matrix().rows_range(first, last));
       for (index_t t = first; t < last; ++t) softmax(out.logits.data() + t * E, E, probs_.data() + t * E);
     });
 
@@ -144,21 +144,12 @@ class ExpertChoiceRouter {
           if (ids[j] >= 0) dl[ids[j]] += S[ids[j]] * dg[j];
       }
     });
-    // Weight gradient by column blocks, then dx; x is read before dx is written, so dx may alias x.
-    const index_t d = d_model();
-    parallel_for_blocks(d, column_block, [&](index_t first, index_t last) {
-      const MatrixView<T> grad(weight_.grad.data() + first, E, last - first, d);
-      const ConstMatrixView<T> xs(x.data + first, tokens, last - first, x.stride);
-      eigen(grad).noalias() += eigen(ConstMatrixView<T>(d_logits)).transpose() * eigen(xs);
-    });
-    parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      eigen(dx.rows_range(first, last)).noalias() +=
-          eigen(ConstMatrixView<T>(d_logits.rows_range(first, last))) * eigen(weight_.value.matrix());
-    });
+    LinearScores<T>::backward(x, ConstMatrixView<T>(d_logits), std::as_const(weight_.value).matrix(),
+                              weight_.grad.matrix(), dx);
   }
 
  private:
-  static constexpr index_t token_block = 128, column_block = 128, parallel_threshold = index_t(1) << 15;
+  static constexpr index_t token_block = 128, parallel_threshold = index_t(1) << 15;
 
   // p = softmax(s[0..n)), max-shifted; a NaN anywhere makes the row NaN (ranked lowest).
   static void softmax(const T* s, index_t n, T* p) {
@@ -171,6 +162,7 @@ class ExpertChoiceRouter {
 
   ExpertChoiceRouterConfig config_;
   Parameter<T> weight_;
+  LinearScores<T> scores_;
   Tensor<T> probs_;                    // S [T, E] of the last forward
   Tensor<std::int32_t> picks_;         // [E, C] tokens chosen by each expert, best first
   std::vector<index_t> filled_;        // experts written so far per token

@@ -26,8 +26,8 @@
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
-#include "smoe/cpu/eigen.hpp"
 #include "smoe/cpu/parallel.hpp"
+#include "smoe/routing/linear_scores.hpp"
 #include "smoe/routing/routing.hpp"
 #include "smoe/routing/selection_bias.hpp"
 #include "smoe/routing/topk_select.hpp"
@@ -103,9 +103,9 @@ class GroupTopKRouter {
     const index_t groups = config_.n_groups, keep = config_.topk_groups, size = E / groups;
     const bool limit_groups = keep < groups;  // all groups kept: the filter is a no-op
     const T* b = bias_.values.data();
+    scores_.prepare(std::as_const(weight_.value).matrix());
     parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      eigen(out.logits.matrix().rows_range(first, last)).noalias() =
-          eigen(x.rows_range(first, last)) * eigen(weight_.value.matrix()).transpose();
+      scores_.forward_block(x.rows_range(first, last), out.logits.matrix().rows_range(first, last));
       std::vector<T> q(static_cast<std::size_t>(E)), group_score(static_cast<std::size_t>(limit_groups ? groups : 0));
       std::vector<std::int32_t> kept(static_cast<std::size_t>(limit_groups ? keep : 0));
       std::vector<std::uint8_t> removed(static_cast<std::size_t>(limit_groups ? E : 0));
@@ -163,21 +163,12 @@ class GroupTopKRouter {
           if (ids[j] >= 0) dl[ids[j]] += n[j] * (c * dg[j] - dot) * sigmoid(-s[ids[j]]);
       }
     });
-    // Weight gradient by column blocks, then dx; x is read before dx is written, so dx may alias x.
-    const index_t d = d_model();
-    parallel_for_blocks(d, column_block, [&](index_t first, index_t last) {
-      const MatrixView<T> grad(weight_.grad.data() + first, E, last - first, d);
-      const ConstMatrixView<T> xs(x.data + first, tokens, last - first, x.stride);
-      eigen(grad).noalias() += eigen(ConstMatrixView<T>(d_logits)).transpose() * eigen(xs);
-    });
-    parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      eigen(dx.rows_range(first, last)).noalias() +=
-          eigen(ConstMatrixView<T>(d_logits.rows_range(first, last))) * eigen(weight_.value.matrix());
-    });
+    LinearScores<T>::backward(x, ConstMatrixView<T>(d_logits), std::as_const(weight_.value).matrix(),
+                              weight_.grad.matrix(), dx);
   }
 
  private:
-  static constexpr index_t token_block = 128, column_block = 128;
+  static constexpr index_t token_block = 128;
 
   static T sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
   // log σ(v) = −softplus(−v), without overflow for large |v|.
@@ -199,6 +190,7 @@ class GroupTopKRouter {
 
   GroupTopKRouterConfig config_;
   Parameter<T> weight_;
+  LinearScores<T> scores_;
   SelectionBias<T> bias_;
   std::vector<index_t> load_;
 };

@@ -25,8 +25,8 @@
 #include "smoe/core/error.hpp"
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/rng.hpp"
-#include "smoe/cpu/eigen.hpp"
 #include "smoe/cpu/parallel.hpp"
+#include "smoe/routing/linear_scores.hpp"
 #include "smoe/routing/routing.hpp"
 #include "smoe/routing/softmax_topk.hpp"
 #include "smoe/routing/topk_select.hpp"
@@ -83,6 +83,11 @@ class NoisyTopK {
     f(std::string_view("weight"), weight_);
     f(std::string_view("noise_weight"), noise_weight_);
   }
+  // The step counter (a checkpoint restores it so a resumed run draws the same random numbers).
+  template <class F>
+  void for_each_counter(F&& f) {
+    f(std::string_view("step"), step_);
+  }
 
   void forward(ConstMatrixView<T> x, Routing<T>& out, Mode mode) {
     using namespace cpu_kernels;
@@ -102,11 +107,11 @@ class NoisyTopK {
     const std::uint64_t step = step_;
     // One token block per task: both GEMMs single-threaded (rounding independent of the thread
     // count), then noise, selection, gates and P(x, i) while the block is in cache.
+    scores_.prepare(std::as_const(weight_.value).matrix());
+    noise_scores_.prepare(std::as_const(noise_weight_.value).matrix());
     parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      eigen(out.logits.matrix().rows_range(first, last)).noalias() =
-          eigen(x.rows_range(first, last)) * eigen(weight_.value.matrix()).transpose();
-      eigen(sigma_.matrix().rows_range(first, last)).noalias() =
-          eigen(x.rows_range(first, last)) * eigen(noise_weight_.value.matrix()).transpose();
+      scores_.forward_block(x.rows_range(first, last), out.logits.matrix().rows_range(first, last));
+      noise_scores_.forward_block(x.rows_range(first, last), sigma_.matrix().rows_range(first, last));
       std::vector<std::uint8_t> selected(static_cast<std::size_t>(E));
       for (index_t t = first; t < last; ++t) {
         const T* s = out.logits.data() + t * E;
@@ -199,28 +204,17 @@ class NoisyTopK {
         }
       }
     });
-    // Weight gradients by column blocks (every element sums over all tokens in order), before dx
-    // is written, so dx may alias x.
-    parallel_for_blocks(d, column_block, [&](index_t first, index_t last) {
-      const ConstMatrixView<T> xs(x.data + first, tokens, last - first, x.stride);
-      const MatrixView<T> gw(weight_.grad.data() + first, E, last - first, d);
-      eigen(gw).noalias() += eigen(ConstMatrixView<T>(d_logits)).transpose() * eigen(xs);
-      if (noise_grad) {
-        const MatrixView<T> gn(noise_weight_.grad.data() + first, E, last - first, d);
-        eigen(gn).noalias() += eigen(std::as_const(du_).matrix()).transpose() * eigen(xs);
-      }
-    });
-    parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      auto dxb = eigen(dx.rows_range(first, last));
-      dxb.noalias() += eigen(ConstMatrixView<T>(d_logits.rows_range(first, last))) * eigen(weight_.value.matrix());
-      if (noise_grad)
-        dxb.noalias() +=
-            eigen(std::as_const(du_).matrix().rows_range(first, last)) * eigen(noise_weight_.value.matrix());
-    });
+    // Both weight gradients before dx is written, so dx may alias x.
+    using Scores = LinearScores<T>;
+    Scores::accumulate_weight_grad(x, ConstMatrixView<T>(d_logits), weight_.grad.matrix());
+    if (noise_grad) Scores::accumulate_weight_grad(x, std::as_const(du_).matrix(), noise_weight_.grad.matrix());
+    Scores::accumulate_input_grad(ConstMatrixView<T>(d_logits), std::as_const(weight_.value).matrix(), dx);
+    if (noise_grad)
+      Scores::accumulate_input_grad(std::as_const(du_).matrix(), std::as_const(noise_weight_.value).matrix(), dx);
   }
 
  private:
-  static constexpr index_t token_block = 128, column_block = 128;
+  static constexpr index_t token_block = 128;
 
   bool load_on() const { return config_.load_coef > 0.0; }
   // Selection keeps the (K+1)-th entry too: the load loss's threshold for the selected experts.
@@ -254,6 +248,7 @@ class NoisyTopK {
   NoisyTopKConfig config_;
   SoftmaxGate gate_{.renormalize = true};
   Parameter<T> weight_, noise_weight_;
+  LinearScores<T> scores_, noise_scores_;
   std::uint64_t step_ = 0;
   // Cache of the last forward, [T, E] unless noted.
   Tensor<T> noisy_, sigma_, dsoftplus_, eps_, z_;  // H, σ, softplus'(u), ε, (s_i − threshold)/σ_i

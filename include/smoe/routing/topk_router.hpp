@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
-#include "smoe/cpu/eigen.hpp"
 #include "smoe/cpu/parallel.hpp"
 #include "smoe/routing/expert_dropout.hpp"
+#include "smoe/routing/linear_scores.hpp"
 #include "smoe/routing/routing.hpp"
 #include "smoe/routing/topk_select.hpp"
 
@@ -64,6 +64,11 @@ class TopKRouter {
   void for_each_parameter(F&& f) {
     f(std::string_view("weight"), weight_);
   }
+  // The step counter (a checkpoint restores it so a resumed run draws the same random numbers).
+  template <class F>
+  void for_each_counter(F&& f) {
+    f(std::string_view("step"), step_);
+  }
 
   void forward(ConstMatrixView<T> x, Routing<T>& out, Mode mode) {
     using namespace cpu_kernels;
@@ -74,11 +79,10 @@ class TopKRouter {
     out.gates.resize({tokens, K});
     const bool drop = mode == Mode::train && config_.expert_dropout.enabled();
     const std::uint64_t step = step_;
-    // One token block per task: its logits GEMM (single-threaded, so the rounding is the same
-    // for any thread count), then selection and gates while the logits are in cache.
+    scores_.prepare(std::as_const(weight_.value).matrix());
+    // One token block per task: its logits GEMM, then selection and gates while the logits are in cache.
     parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      eigen(out.logits.matrix().rows_range(first, last)).noalias() =
-          eigen(x.rows_range(first, last)) * eigen(weight_.value.matrix()).transpose();
+      scores_.forward_block(x.rows_range(first, last), out.logits.matrix().rows_range(first, last));
       std::vector<std::uint8_t> removed(drop ? static_cast<std::size_t>(E) : 0);
       for (index_t t = first; t < last; ++t) {
         const T* s = out.logits.data() + t * E;
@@ -99,32 +103,22 @@ class TopKRouter {
     expect_shape(name, "d_logits", d_logits, tokens, E);
     expect_shape(name, "dx", dx, tokens, d_model());
     if (tokens == 0) return;
-    // Fixed blocks, each GEMM single-threaded: results do not depend on the thread count. x is
-    // read (weight gradient) before dx is written, so dx may alias x.
     parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
       for (index_t t = first; t < last; ++t)
         gate_.backward(r.logits.data() + t * E, E, r.experts.data() + t * K, K, r.gates.data() + t * K,
                        d_gates.row(t), d_logits.row(t));
     });
-    // The weight gradient by column blocks: every element still sums over all tokens in order.
-    const index_t d = d_model();
-    parallel_for_blocks(d, column_block, [&](index_t first, index_t last) {
-      const MatrixView<T> grad(weight_.grad.data() + first, E, last - first, d);
-      const ConstMatrixView<T> xs(x.data + first, tokens, last - first, x.stride);
-      eigen(grad).noalias() += eigen(ConstMatrixView<T>(d_logits)).transpose() * eigen(xs);
-    });
-    parallel_for_blocks(tokens, token_block, [&](index_t first, index_t last) {
-      eigen(dx.rows_range(first, last)).noalias() +=
-          eigen(ConstMatrixView<T>(d_logits.rows_range(first, last))) * eigen(weight_.value.matrix());
-    });
+    LinearScores<T>::backward(x, ConstMatrixView<T>(d_logits), std::as_const(weight_.value).matrix(),
+                              weight_.grad.matrix(), dx);
   }
 
  private:
-  static constexpr index_t token_block = 128, column_block = 128;
+  static constexpr index_t token_block = 128;
 
   TopKRouterConfig config_;
   Gate gate_;
   Parameter<T> weight_;
+  LinearScores<T> scores_;
   std::uint64_t step_ = 0;
 };
 

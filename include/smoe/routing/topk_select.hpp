@@ -47,6 +47,28 @@ void select_topk(const T* scores, index_t n, index_t k, std::int32_t* out, const
     for (index_t j = 0; j < k; ++j) out[j] = all[j].index;
     return;
   }
+  if (dropped == nullptr) {  // the common case, on raw scores: same order, a cheap rejection test
+    // a ranks before b: larger first, a number before NaN; equal scores keep the earlier
+    // (smaller) index first because candidates arrive in index order.
+    const auto before = [](T a, T b) { return a > b || (b != b && a == a); };
+    T kept[16];
+    std::int32_t ids[16];
+    index_t filled = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const T v = scores[i];
+      if (filled == k && !before(v, kept[k - 1])) continue;
+      index_t pos = filled < k ? filled++ : k - 1;
+      while (pos > 0 && before(v, kept[pos - 1])) {
+        kept[pos] = kept[pos - 1];
+        ids[pos] = ids[pos - 1];
+        --pos;
+      }
+      kept[pos] = v;
+      ids[pos] = static_cast<std::int32_t>(i);
+    }
+    std::copy_n(ids, k, out);
+    return;
+  }
   C top[16];  // insertion into the kept list, best first
   index_t filled = 0;
   for (index_t i = 0; i < n; ++i) {
