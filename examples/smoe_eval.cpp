@@ -3,28 +3,52 @@
 //
 //   smoe_eval SPEC.json IN.safetensors OUT.safetensors
 //
-// SPEC  {"d_model", "n_experts", "expert_size", "k", "router": "softmax_topk" | "sigmoid_topk",
-//        "renormalize": false (softmax only), "activation": "relu" | "gelu" | "swiglu", "bias": false,
-//        "coef": {"switch": 0, "z": 0, "entropy": 0, "importance": 0}, "dtype": "float32" | "float64"}
-// IN    x [T, d], optional dy [T, d], router.weight [E, d], experts.w1 [E, d, G] ([E, d, 2G] for swiglu:
-//       gate half first, then up half), experts.w2 [E, G, d]; with bias experts.b1 [E, G] ([E, 2G]) and
-//       experts.b2 [E, d]. Every tensor has the SPEC dtype.
-// OUT   y [T, d], aux_loss [] (Σ coef · loss), expert_counts [E] (I64, tokens per expert), and when dy is
-//       given the gradients of sum(y ⊙ dy) + aux_loss: grad.x, grad.router.weight, grad.experts.w1, ...
+// SPEC  {"d_model", "n_experts", "expert_size", "k", "router", "activation": "relu" | "gelu" | "swiglu",
+//        "bias": false, "coef": {"switch": 0, "z": 0, "entropy": 0, "importance": 0},
+//        "dtype": "float32" | "float64", "mode": "eval" | "train", "capacity_factor": 0, ...}
+//       router: softmax_topk ("renormalize"), sigmoid_topk, noisy_topk ("seed", "load_coef"),
+//       sbase ("sinkhorn_iters"), base (k = 1), expert_choice (no "k"; "capacity_factor" is its own),
+//       hash (k = 1, "seed"), group_topk ("n_groups", "topk_groups", "route_scale"),
+//       pkm ("pkm_keys", "pkm_heads", k per head, "activation": "relu" | "softmax" |
+//       "softmax_across_heads", value experts: no "expert_size"). A key that does not apply to the
+//       chosen router is an error. docs/smoe_eval.md has the full table.
+// IN    x [T, d], optional dy [T, d], the layer's parameters by name (router.weight [E, d],
+//       router.noise_weight [E, d] (noisy_topk), router.keys_a / router.keys_b [H, N, d/2] (pkm),
+//       experts.w1 [E, d, G] ([E, d, 2G] for swiglu: gate half first, then up half), experts.w2
+//       [E, G, d], with bias experts.b1 [E, G] ([E, 2G]) and experts.b2 [E, d]; experts.values
+//       [N², d] (pkm)), optional router.bias [E] (group_topk's selection bias), ids [T] (I64 token
+//       ids, hash). Every floating tensor has the SPEC dtype.
+// OUT   y [T, d], aux_loss [] (Σ coef · loss, plus noisy_topk's load_coef · load loss),
+//       expert_counts [E] and routing.tokens_per_expert [E] (I64, dispatched assignments per expert),
+//       for every router but expert_choice routing.experts [T, K] (I32, the dispatched ids: −1 where
+//       a capacity limit dropped the assignment) and routing.gates [T, K] (0 at −1), and when dy is
+//       given the gradients of sum(y ⊙ dy) + aux_loss: grad.x and grad.<name> of every parameter.
 // A bad spec, a missing, unexpected or mis-shaped tensor or a wrong dtype prints one line to stderr
 // and exits with status 1.
+#include <smoe/experts/value_experts.hpp>
 #include <smoe/io/safetensors.hpp>
+#include <smoe/routing/base_router.hpp>
+#include <smoe/routing/expert_choice.hpp>
+#include <smoe/routing/group_topk.hpp>
+#include <smoe/routing/hash_router.hpp>
+#include <smoe/routing/noisy_topk.hpp>
+#include <smoe/routing/product_key_router.hpp>
+#include <smoe/routing/sbase_router.hpp>
 #include <smoe/smoe.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <exception>
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <limits>
 #include <set>
+#include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -36,24 +60,51 @@ using smoe::fail;
 using smoe::index_t;
 using json = nlohmann::json;
 
-enum class RouterKind { softmax_topk, sigmoid_topk };
+enum class RouterKind { softmax_topk, sigmoid_topk, noisy_topk, sbase, base, expert_choice, hash, group_topk, pkm };
 enum class ActivationKind { relu, gelu, swiglu };
 enum class ScalarKind { float32, float64 };
+
+constexpr std::pair<std::string_view, RouterKind> router_names[] = {
+    {"softmax_topk", RouterKind::softmax_topk},
+    {"sigmoid_topk", RouterKind::sigmoid_topk},
+    {"noisy_topk", RouterKind::noisy_topk},
+    {"sbase", RouterKind::sbase},
+    {"base", RouterKind::base},
+    {"expert_choice", RouterKind::expert_choice},
+    {"hash", RouterKind::hash},
+    {"group_topk", RouterKind::group_topk},
+    {"pkm", RouterKind::pkm},
+};
+
+std::string_view name_of(RouterKind r) {
+  for (const auto& [n, kind] : router_names)
+    if (kind == r) return n;
+  return "?";
+}
 
 struct Spec {
   index_t d_model = 0, n_experts = 0, expert_size = 0, k = 0;
   RouterKind router = RouterKind::softmax_topk;
   bool renormalize = false;
   ActivationKind activation = ActivationKind::relu;
+  smoe::PkmActivation pkm_activation = smoe::PkmActivation::relu;
   bool bias = false;
   double coef_switch = 0, coef_z = 0, coef_entropy = 0, coef_importance = 0;
   ScalarKind dtype = ScalarKind::float32;
+  smoe::Mode mode = smoe::Mode::eval;
+  double capacity_factor = 0;  // token choice: MoE's CapacityPolicy (0 = dropless); expert_choice: its own
+  index_t n_groups = 1, topk_groups = 1;
+  double route_scale = 1;
+  index_t sinkhorn_iters = 3;
+  index_t pkm_heads = 4, pkm_keys = 0;
+  std::uint64_t seed = 0;
+  double load_coef = 0;
 };
 
 constexpr const char* usage =
     "usage: smoe_eval SPEC.json IN.safetensors OUT.safetensors\n"
     "  runs one MoE layer (forward, and backward when IN holds dy) and writes y, aux_loss,\n"
-    "  expert_counts and the gradients grad.* to OUT; see the header of examples/smoe_eval.cpp\n";
+    "  expert_counts, routing.* and the gradients grad.* to OUT; see the header of examples/smoe_eval.cpp\n";
 
 // Parses the SPEC file; duplicate keys are an error because JSON parsers silently keep one of them.
 json read_spec_file(const std::string& path) {
@@ -92,13 +143,64 @@ void expect_known_keys(const json& object, const char* what, std::initializer_li
   }
 }
 
-index_t positive_int(const json& spec, const char* key) {
-  if (!spec.contains(key)) fail("SPEC: missing required key \"", key, "\"");
+// Keys that only some routers read: present with another router, they are an error (never ignored).
+struct RouterOnlyKey {
+  std::string_view key;
+  std::initializer_list<RouterKind> routers;
+};
+const RouterOnlyKey router_only_keys[] = {
+    {"seed", {RouterKind::noisy_topk, RouterKind::hash}},
+    {"load_coef", {RouterKind::noisy_topk}},
+    {"sinkhorn_iters", {RouterKind::sbase}},
+    {"n_groups", {RouterKind::group_topk}},
+    {"topk_groups", {RouterKind::group_topk}},
+    {"route_scale", {RouterKind::group_topk}},
+    {"pkm_heads", {RouterKind::pkm}},
+    {"pkm_keys", {RouterKind::pkm}},
+    {"capacity_factor",
+     {RouterKind::softmax_topk, RouterKind::sigmoid_topk, RouterKind::noisy_topk, RouterKind::sbase,
+      RouterKind::expert_choice, RouterKind::hash, RouterKind::group_topk, RouterKind::pkm}},
+    {"expert_size",
+     {RouterKind::softmax_topk, RouterKind::sigmoid_topk, RouterKind::noisy_topk, RouterKind::sbase, RouterKind::base,
+      RouterKind::expert_choice, RouterKind::hash, RouterKind::group_topk}},
+};
+
+void expect_applicable_keys(const json& j, RouterKind router) {
+  for (const auto& rule : router_only_keys) {
+    if (!j.contains(rule.key)) continue;
+    if (std::find(rule.routers.begin(), rule.routers.end(), router) != rule.routers.end()) continue;
+    std::string list;
+    for (RouterKind r : rule.routers) list += (list.empty() ? "\"" : ", \"") + std::string(name_of(r)) + "\"";
+    fail("SPEC: \"", rule.key, "\" does not apply to router \"", name_of(router), "\" (it applies to ", list, ")");
+  }
+}
+
+std::int64_t integer(const json& spec, const char* key) {
   const json& v = spec[key];
   if (!v.is_number_integer()) fail("SPEC: \"", key, "\" must be an integer, got ", v.dump());
-  const auto n = v.get<std::int64_t>();
+  return v.get<std::int64_t>();
+}
+
+index_t positive_int(const json& spec, const char* key) {
+  if (!spec.contains(key)) fail("SPEC: missing required key \"", key, "\"");
+  const auto n = integer(spec, key);
   if (n < 1) fail("SPEC: \"", key, "\" must be >= 1, got ", n);
   return n;
+}
+
+index_t optional_int(const json& spec, const char* key, index_t fallback, index_t minimum) {
+  if (!spec.contains(key)) return fallback;
+  const auto n = integer(spec, key);
+  if (n < minimum) fail("SPEC: \"", key, "\" must be >= ", minimum, ", got ", n);
+  return n;
+}
+
+double optional_number(const json& spec, const char* key, double fallback) {
+  if (!spec.contains(key)) return fallback;
+  const json& v = spec[key];
+  if (!v.is_number() || !std::isfinite(v.get<double>()))
+    fail("SPEC: \"", key, "\" must be a finite number, got ", v.dump());
+  return v.get<double>();
 }
 
 bool optional_bool(const json& spec, const char* key) {
@@ -108,8 +210,8 @@ bool optional_bool(const json& spec, const char* key) {
   return v.get<bool>();
 }
 
-template <class Enum>
-Enum choice(const json& spec, const char* key, std::initializer_list<std::pair<std::string_view, Enum>> choices,
+template <class Enum, std::size_t N>
+Enum choice(const json& spec, const char* key, const std::pair<std::string_view, Enum> (&choices)[N],
             const char* default_name = nullptr) {
   std::string name;
   if (spec.contains(key)) {
@@ -130,25 +232,69 @@ Enum choice(const json& spec, const char* key, std::initializer_list<std::pair<s
 
 Spec parse_spec(const json& j) {
   if (!j.is_object()) fail("SPEC: must be a JSON object, got ", j.type_name());
-  expect_known_keys(
-      j, "SPEC",
-      {"d_model", "n_experts", "expert_size", "k", "router", "renormalize", "activation", "bias", "coef", "dtype"});
+  expect_known_keys(j, "SPEC", {"d_model",        "n_experts",       "expert_size", "k",           "router",
+                                "renormalize",    "activation",      "bias",        "coef",        "dtype",
+                                "mode",           "capacity_factor", "n_groups",    "topk_groups", "route_scale",
+                                "sinkhorn_iters", "pkm_heads",       "pkm_keys",    "seed",        "load_coef"});
   Spec s;
+  s.router = choice<RouterKind>(j, "router", router_names);
+  const RouterKind r = s.router;
+  const std::string router = "router \"" + std::string(name_of(r)) + "\"";
+  expect_applicable_keys(j, r);
   s.d_model = positive_int(j, "d_model");
-  s.n_experts = positive_int(j, "n_experts");
-  s.expert_size = positive_int(j, "expert_size");
-  s.k = positive_int(j, "k");
-  s.router = choice<RouterKind>(
-      j, "router", {{"softmax_topk", RouterKind::softmax_topk}, {"sigmoid_topk", RouterKind::sigmoid_topk}});
+
+  if (r == RouterKind::pkm) {
+    s.pkm_keys = positive_int(j, "pkm_keys");
+    s.pkm_heads = optional_int(j, "pkm_heads", s.pkm_heads, 1);
+    constexpr index_t max_keys = smoe::ProductKeyRouterConfig::max_keys;
+    if (s.pkm_keys > max_keys)
+      fail("SPEC: \"pkm_keys\" must be <= ", max_keys, " (the pkm_keys² value ids are int32), got ", s.pkm_keys);
+    s.n_experts = s.pkm_keys * s.pkm_keys;
+    if (j.contains("n_experts") && integer(j, "n_experts") != s.n_experts)
+      fail("SPEC: \"n_experts\" must be pkm_keys² = ", s.n_experts, " for ", router, ", got ", integer(j, "n_experts"));
+  } else {
+    s.n_experts = positive_int(j, "n_experts");
+  }
+
+  if (r == RouterKind::base || r == RouterKind::hash) {
+    s.k = optional_int(j, "k", 1, 1);
+    if (s.k != 1) fail("SPEC: ", router, " routes each token to one expert: \"k\" must be 1, got ", s.k);
+  } else if (r == RouterKind::expert_choice) {
+    if (j.contains("k"))
+      fail("SPEC: \"k\" does not apply to ", router,
+           " (each expert takes min(T, max(1, floor(T · capacity_factor / E))) tokens; set \"capacity_factor\")");
+    s.k = s.n_experts;  // the router's row width
+  } else {
+    s.k = positive_int(j, "k");  // pkm: per head
+  }
+
   s.renormalize = optional_bool(j, "renormalize");
-  if (s.renormalize && s.router != RouterKind::softmax_topk)
-    fail("SPEC: \"renormalize\": true needs router \"softmax_topk\", got router \"sigmoid_topk\"");
-  s.activation = choice<ActivationKind>(
-      j, "activation",
-      {{"relu", ActivationKind::relu}, {"gelu", ActivationKind::gelu}, {"swiglu", ActivationKind::swiglu}});
-  s.bias = optional_bool(j, "bias");
-  s.dtype =
-      choice<ScalarKind>(j, "dtype", {{"float32", ScalarKind::float32}, {"float64", ScalarKind::float64}}, "float32");
+  if (s.renormalize && r != RouterKind::softmax_topk)
+    fail("SPEC: \"renormalize\": true needs router \"softmax_topk\", got ", router);
+
+  if (r == RouterKind::pkm) {
+    constexpr std::pair<std::string_view, smoe::PkmActivation> pkm_gates[] = {
+        {"relu", smoe::PkmActivation::relu},
+        {"softmax", smoe::PkmActivation::softmax},
+        {"softmax_across_heads", smoe::PkmActivation::softmax_across_heads}};
+    s.pkm_activation = choice<smoe::PkmActivation>(j, "activation", pkm_gates, "relu");
+    if (optional_bool(j, "bias"))
+      fail("SPEC: \"bias\": true does not apply to ", router, " (its value experts have no biases)");
+  } else {
+    constexpr std::pair<std::string_view, ActivationKind> activations[] = {
+        {"relu", ActivationKind::relu}, {"gelu", ActivationKind::gelu}, {"swiglu", ActivationKind::swiglu}};
+    s.expert_size = positive_int(j, "expert_size");
+    s.activation = choice<ActivationKind>(j, "activation", activations);
+    s.bias = optional_bool(j, "bias");
+  }
+
+  constexpr std::pair<std::string_view, ScalarKind> dtypes[] = {{"float32", ScalarKind::float32},
+                                                                {"float64", ScalarKind::float64}};
+  s.dtype = choice<ScalarKind>(j, "dtype", dtypes, "float32");
+  constexpr std::pair<std::string_view, smoe::Mode> modes[] = {{"eval", smoe::Mode::eval},
+                                                               {"train", smoe::Mode::train}};
+  s.mode = choice<smoe::Mode>(j, "mode", modes, "eval");
+
   if (j.contains("coef")) {
     const json& c = j["coef"];
     if (!c.is_object()) fail("SPEC: \"coef\" must be an object, got ", c.dump());
@@ -158,12 +304,40 @@ Spec parse_spec(const json& j) {
       const json& v = c[key];
       if (!v.is_number() || !std::isfinite(v.get<double>()))
         fail("SPEC: \"coef\".\"", key, "\" must be a finite number, got ", v.dump());
-      return v.get<double>();
+      const double value = v.get<double>();
+      if (value != 0.0 && (r == RouterKind::hash || r == RouterKind::pkm) && std::string_view(key) != "importance")
+        fail("SPEC: \"coef\".\"", key, "\" needs router logits, which ", router,
+             " does not have (only \"importance\" applies)");
+      return value;
     };
     s.coef_switch = coefficient("switch");
     s.coef_z = coefficient("z");
     s.coef_entropy = coefficient("entropy");
     s.coef_importance = coefficient("importance");
+  }
+
+  if (r == RouterKind::expert_choice) {
+    s.capacity_factor = optional_number(j, "capacity_factor", 2.0);
+    if (!(s.capacity_factor > 0.0))
+      fail("SPEC: \"capacity_factor\" of ", router, " must be > 0 (average experts per token), got ",
+           s.capacity_factor);
+  } else {
+    s.capacity_factor = optional_number(j, "capacity_factor", 0.0);
+    if (s.capacity_factor < 0.0) fail("SPEC: \"capacity_factor\" must be >= 0 (0 = dropless), got ", s.capacity_factor);
+  }
+  s.load_coef = optional_number(j, "load_coef", 0.0);
+  if (s.load_coef < 0.0) fail("SPEC: \"load_coef\" must be >= 0, got ", s.load_coef);
+  s.sinkhorn_iters = optional_int(j, "sinkhorn_iters", s.sinkhorn_iters, 0);
+  if (s.sinkhorn_iters > std::numeric_limits<int>::max())
+    fail("SPEC: \"sinkhorn_iters\" must be <= ", std::numeric_limits<int>::max(), ", got ", s.sinkhorn_iters);
+  s.n_groups = optional_int(j, "n_groups", s.n_groups, 1);
+  s.topk_groups = optional_int(j, "topk_groups", s.topk_groups, 1);
+  s.route_scale = optional_number(j, "route_scale", s.route_scale);
+  if (!(s.route_scale > 0.0)) fail("SPEC: \"route_scale\" must be > 0, got ", s.route_scale);
+  if (j.contains("seed")) {
+    const json& v = j["seed"];
+    if (!v.is_number_unsigned()) fail("SPEC: \"seed\" must be an integer in [0, 2^64), got ", v.dump());
+    s.seed = v.get<std::uint64_t>();
   }
   return s;
 }
@@ -182,13 +356,35 @@ void with_scalar(ScalarKind kind, F&& f) {
     f(Tag<float>{});
 }
 
+// Routers that feed FeedForwardExperts (all but pkm).
 template <class T, class F>
 void with_router(const Spec& s, F&& f) {
-  const smoe::TopKRouterConfig c{.d_model = s.d_model, .experts = s.n_experts, .k = s.k};
-  if (s.router == RouterKind::softmax_topk)
-    f(smoe::SoftmaxTopK<T>(c, smoe::SoftmaxGate{.renormalize = s.renormalize}));
-  else
-    f(smoe::SigmoidTopK<T>(c));
+  const index_t d = s.d_model, E = s.n_experts, K = s.k;
+  const smoe::TopKRouterConfig c{.d_model = d, .experts = E, .k = K};
+  switch (s.router) {
+    case RouterKind::softmax_topk: f(smoe::SoftmaxTopK<T>(c, smoe::SoftmaxGate{.renormalize = s.renormalize})); break;
+    case RouterKind::sigmoid_topk: f(smoe::SigmoidTopK<T>(c)); break;
+    case RouterKind::noisy_topk:
+      f(smoe::NoisyTopK<T>({.d_model = d, .experts = E, .k = K, .load_coef = s.load_coef, .seed = s.seed}));
+      break;
+    case RouterKind::sbase:
+      f(smoe::SBaseRouter<T>({.d_model = d, .experts = E, .k = K, .sinkhorn_iters = int(s.sinkhorn_iters)}));
+      break;
+    case RouterKind::base: f(smoe::BaseRouter<T>({.d_model = d, .experts = E})); break;
+    case RouterKind::expert_choice:
+      f(smoe::ExpertChoiceRouter<T>({.d_model = d, .experts = E, .capacity_factor = s.capacity_factor}));
+      break;
+    case RouterKind::hash: f(smoe::HashRouter<T>({.d_model = d, .experts = E, .seed = s.seed})); break;
+    case RouterKind::group_topk:
+      f(smoe::GroupTopKRouter<T>({.d_model = d,
+                                  .experts = E,
+                                  .k = K,
+                                  .n_groups = s.n_groups,
+                                  .topk_groups = s.topk_groups,
+                                  .route_scale = s.route_scale}));
+      break;
+    case RouterKind::pkm: fail("smoe_eval: pkm has no feed-forward experts");  // handled by with_layer
+  }
 }
 
 template <class T, class F>
@@ -200,6 +396,37 @@ void with_experts(const Spec& s, F&& f) {
     case ActivationKind::gelu: f(smoe::GeluExperts<T>(c)); break;
     case ActivationKind::swiglu: f(smoe::SwiGluExperts<T>(c)); break;
   }
+}
+
+// The layer of the spec. Routers without logits (hash, pkm) get only the gate-based importance
+// loss: the logit-based losses refuse them.
+template <class T, class F>
+void with_layer(const Spec& s, F&& f) {
+  if (s.router == RouterKind::pkm) {
+    smoe::MoE layer(smoe::ProductKeyRouter<T>({.d_model = s.d_model,
+                                               .n_keys = s.pkm_keys,
+                                               .heads = s.pkm_heads,
+                                               .k = s.k,
+                                               .activation = s.pkm_activation}),
+                    smoe::ValueExperts<T>({.d_model = s.d_model, .values = s.n_experts}), smoe::WeightedSum<T>{},
+                    smoe::ImportanceLoss<T>(s.coef_importance));
+    f(layer);
+    return;
+  }
+  with_router<T>(s, [&](auto router) {
+    with_experts<T>(s, [&](auto experts) {
+      if constexpr (std::is_same_v<decltype(router), smoe::HashRouter<T>>) {
+        smoe::MoE layer(std::move(router), std::move(experts), smoe::WeightedSum<T>{},
+                        smoe::ImportanceLoss<T>(s.coef_importance));
+        f(layer);
+      } else {
+        smoe::MoE layer(std::move(router), std::move(experts), smoe::WeightedSum<T>{},
+                        smoe::SwitchBalanceLoss<T>(s.coef_switch), smoe::RouterZLoss<T>(s.coef_z),
+                        smoe::EntropyLoss<T>(s.coef_entropy), smoe::ImportanceLoss<T>(s.coef_importance));
+        f(layer);
+      }
+    });
+  });
 }
 
 std::string format_shape(const std::vector<index_t>& shape) {
@@ -217,24 +444,31 @@ void check_finite(const smoe::io::SafetensorsFile& in, const std::string& name, 
 
 // Reads `name` as T; its dtype must be T's and, where `shape` is given, its shape must equal it.
 template <class T>
-smoe::Tensor<T> load(const smoe::io::SafetensorsFile& in, const std::string& name, const std::vector<index_t>& shape) {
+smoe::Tensor<T> load(const smoe::io::SafetensorsFile& in, const std::string& name, const std::vector<index_t>& shape,
+                     const char* dtype_note = " (the SPEC dtype)") {
   constexpr auto want = smoe::io::dtype_of<T>::value;
   if (!in.contains(name)) fail(in.source(), ": missing tensor '", name, "' (", want, " ", format_shape(shape), ")");
   const auto& info = in.info(name);
   if (info.dtype != want)
-    fail(in.source(), ": tensor '", name, "' dtype must be ", want, " (the SPEC dtype), got ", info.dtype);
+    fail(in.source(), ": tensor '", name, "' dtype must be ", want, dtype_note, ", got ", info.dtype);
   if (info.shape != shape)
     fail(in.source(), ": tensor '", name, "' shape must be ", format_shape(shape), ", got ", format_shape(info.shape));
   auto t = in.read<T>(name);
-  check_finite(in, name, t);
+  if constexpr (std::is_floating_point_v<T>) check_finite(in, name, t);
   return t;
 }
 
 template <class Layer>
-smoe::io::SafetensorsWriter evaluate(Layer& layer, const smoe::io::SafetensorsFile& in) {
+smoe::io::SafetensorsWriter evaluate(Layer& layer, const Spec& spec, const smoe::io::SafetensorsFile& in) {
   using T = typename Layer::scalar_type;
+  using R = std::remove_reference_t<decltype(layer.router())>;
+  constexpr bool group_topk = std::is_same_v<R, smoe::GroupTopKRouter<T>>;
+  constexpr bool hash = std::is_same_v<R, smoe::HashRouter<T>>;
+  constexpr bool expert_choice = std::is_same_v<R, smoe::ExpertChoiceRouter<T>>;
   const index_t d = layer.d_model(), E = layer.n_experts();
   std::set<std::string> expected = {"x", "dy"};
+  if constexpr (group_topk) expected.insert("router.bias");
+  if constexpr (hash) expected.insert("ids");
   layer.for_each_parameter([&](std::string_view name, smoe::Parameter<T>& p) {
     p.value = load<T>(in, std::string(name), p.value.shape());
     expected.insert(std::string(name));
@@ -245,6 +479,8 @@ smoe::io::SafetensorsWriter evaluate(Layer& layer, const smoe::io::SafetensorsFi
       for (const auto& n : expected) list += (list.empty() ? "" : ", ") + n;
       fail(in.source(), ": unexpected tensor '", name, "' (this SPEC reads ", list, ")");
     }
+  if constexpr (group_topk)
+    if (in.contains("router.bias")) layer.router().bias().values = load<T>(in, "router.bias", {E});
 
   if (!in.contains("x")) fail(in.source(), ": missing tensor 'x' ([T, ", d, "])");
   const auto& x_shape = in.info("x").shape;
@@ -252,10 +488,20 @@ smoe::io::SafetensorsWriter evaluate(Layer& layer, const smoe::io::SafetensorsFi
     fail(in.source(), ": tensor 'x' shape must be [T, ", d, "] (any T >= 0), got ", format_shape(x_shape));
   const auto x = load<T>(in, "x", x_shape);
   const index_t tokens = x_shape[0];
+  if constexpr (hash) {
+    if (!in.contains("ids"))
+      fail(in.source(), ": missing tensor 'ids' (I64 [", tokens,
+           "], the token id of each row of x, which router \"hash\" routes by)");
+    const auto ids = load<std::int64_t>(in, "ids", {tokens}, " (int64 token ids)");
+    layer.router().set_token_ids(std::span<const std::int64_t>(ids.data(), static_cast<std::size_t>(tokens)));
+  }
+  smoe::Tensor<T> dy;
+  if (in.contains("dy")) dy = load<T>(in, "dy", x_shape);  // checked before anything runs
 
+  if constexpr (!expert_choice) layer.capacity.capacity_factor = spec.capacity_factor;
   smoe::Tensor<T> y({tokens, d});
   layer.validate_inputs = true;
-  const auto result = layer.forward(x.matrix(), y.matrix(), smoe::Mode::eval);
+  const auto result = layer.forward(x.matrix(), y.matrix(), spec.mode);
 
   smoe::io::SafetensorsWriter out;
   out.set_metadata("producer", "smoe_eval");
@@ -266,9 +512,19 @@ smoe::io::SafetensorsWriter evaluate(Layer& layer, const smoe::io::SafetensorsFi
   smoe::Tensor<std::int64_t> counts({E});
   for (index_t e = 0; e < E; ++e) counts[e] = result.stats.tokens_per_expert[static_cast<std::size_t>(e)];
   out.add("expert_counts", counts);
+  out.add("routing.tokens_per_expert", counts);
+  if constexpr (!expert_choice) {
+    // The dispatched routing: the router's ids with capacity-dropped assignments set to −1, and
+    // their gates (0 at −1), so that y_t = Σ_k gates[t, k] · expert_{experts[t, k]}(x_t).
+    const smoe::Tensor<std::int32_t>& ids = layer.dispatched_experts();
+    smoe::Tensor<T> gates = layer.routing().gates;
+    for (index_t i = 0; i < gates.size(); ++i)
+      if (ids[i] < 0) gates[i] = T(0);
+    out.add("routing.experts", ids);
+    out.add("routing.gates", gates);
+  }
 
-  if (in.contains("dy")) {
-    const auto dy = load<T>(in, "dy", x_shape);
+  if (dy.rank() == 2) {
     smoe::Tensor<T> dx({tokens, d});
     smoe::zero_grad(layer);
     layer.backward(dy.matrix(), dx.matrix());
@@ -284,14 +540,7 @@ void run(const std::string& spec_path, const std::string& in_path, const std::st
   const auto in = smoe::io::SafetensorsFile::load(in_path);
   with_scalar(spec.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    with_router<T>(spec, [&](auto router) {
-      with_experts<T>(spec, [&](auto experts) {
-        smoe::MoE layer(std::move(router), std::move(experts), smoe::WeightedSum<T>{},
-                        smoe::SwitchBalanceLoss<T>(spec.coef_switch), smoe::RouterZLoss<T>(spec.coef_z),
-                        smoe::EntropyLoss<T>(spec.coef_entropy), smoe::ImportanceLoss<T>(spec.coef_importance));
-        evaluate(layer, in).save(out_path);
-      });
-    });
+    with_layer<T>(spec, [&](auto& layer) { evaluate(layer, spec, in).save(out_path); });
   });
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <smoe/core/rng.hpp>
+#include <smoe/routing/capacity.hpp>
 #include <smoe/routing/expert_dropout.hpp>
 #include <smoe/routing/routing.hpp>
 #include <smoe/routing/sigmoid_topk.hpp>
@@ -677,5 +678,26 @@ TEMPLATE_TEST_CASE("select_topk: NaN ranks below every number, -Inf included", "
     select_topk(s.data(), 20, k, o.data());
     INFO("k=" << k);
     REQUIRE(o[0] == 5);  // documented: "NaN ranks below -Inf"
+  }
+}
+
+TEST_CASE("CapacityPolicy: C = ceil(c·T·K/E), and a huge factor keeps every assignment", "[routing][capacity]") {
+  CapacityPolicy p{.capacity_factor = 1.25};
+  REQUIRE(p.capacity(10, 2, 4) == 7);  // ceil(6.25)
+  REQUIRE(p.capacity(0, 2, 4) == 0);
+  // Past T·K the value is capped: 1e300 used to overflow the cast (a negative C dropped everything).
+  for (const double c : {1e300, 1e18, double(std::numeric_limits<float>::max())}) {
+    p.capacity_factor = c;
+    INFO("capacity_factor=" << c);
+    REQUIRE(p.capacity(10, 2, 4) == 20);
+    Routing<double> r;
+    r.experts.resize({3, 2});
+    r.gates.resize({3, 2});
+    const std::int32_t ids[6] = {0, 1, 0, 1, 0, 1};  // expert 0 and 1 each take all three tokens
+    std::copy_n(ids, 6, r.experts.data());
+    r.gates.fill(0.5);
+    Tensor<std::int32_t> kept;
+    REQUIRE(apply_capacity(p, 4, r, kept) == 0);
+    for (index_t i = 0; i < 6; ++i) REQUIRE(kept[i] == ids[i]);
   }
 }

@@ -30,7 +30,9 @@ struct CapacityPolicy {
       fail(context, ": capacity_factor must be >= 0 (0 = dropless), got ", capacity_factor);
   }
   index_t capacity(index_t tokens, index_t k, index_t experts) const {
-    return static_cast<index_t>(std::ceil(capacity_factor * double(tokens * k) / double(experts)));
+    const double c = std::ceil(capacity_factor * double(tokens * k) / double(experts));
+    // C >= T·K keeps every assignment; capping there keeps a huge factor from overflowing the cast.
+    return c >= double(tokens * k) ? tokens * k : static_cast<index_t>(c);
   }
 };
 
