@@ -4,14 +4,19 @@
 // With `topk` > 0 it is sigma-MoE's Top-K-activation MLP (Csordás et al. 2023, Sec. 3.1): only the
 // K largest hidden activations of each token are kept (ties to the smaller unit index), the rest
 // are zeroed, which saves the second GEMM's work in principle but not the first.
+// Every product runs in fixed token blocks on the library's GEMM kernel (layers/detail/
+// blocked_gemm.hpp), so results are the same for any thread count. The forward keeps a copy of x.
+#include <algorithm>
 #include <cstdint>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
-#include "smoe/cpu/eigen.hpp"
 #include "smoe/cpu/parallel.hpp"
 #include "smoe/experts/activation.hpp"
+#include "smoe/layers/detail/blocked_gemm.hpp"
 #include "smoe/routing/topk_select.hpp"
 
 namespace smoe {
@@ -63,6 +68,16 @@ class DenseMLP {
     }
   }
 
+  // Accounting (FLOPs: matrix products only, 2 per multiply-add). Every weight is read for every
+  // token; the Top-K variant also runs both products densely here, so it counts the same.
+  index_t total_parameters() const {
+    const index_t d = d_model(), G = hidden();
+    return d * Act::fan * G + G * d + (config_.bias ? Act::fan * G + d : 0);
+  }
+  double active_parameters_per_token() const { return double(total_parameters()); }
+  double flops_per_token() const { return 2.0 * double(d_model()) * double(hidden()) * double(Act::fan + 1); }
+
+  // x, y [T, d]. Fixed token blocks, one single-threaded GEMM each: the same for any thread count.
   void forward(ConstMatrixView<T> x, MatrixView<T> y) {
     using namespace cpu_kernels;
     const index_t tokens = x.rows, d = d_model(), G = hidden(), K = config_.topk;
@@ -73,17 +88,22 @@ class DenseMLP {
     pre_.resize({tokens, Act::fan * G});
     h_.resize({tokens, G});
     if (tokens == 0) return;
-    eigen(x_.matrix()) = eigen(x);
-    eigen(pre_.matrix()).noalias() = eigen(x) * eigen(w1_.value.matrix());
-    if (config_.bias) eigen(pre_.matrix()).rowwise() += eigen(b1_.value.matrix()).row(0);
     if (K > 0) kept_.resize({tokens, K});
-    parallel_for(tokens, [&](index_t t) {
-      T* h = h_.data() + t * G;
-      Act::forward(pre_.data() + t * Act::fan * G, h, G);
-      if (K > 0) keep_topk(h, kept_.data() + t * K);
+    parallel_for_blocks(tokens, detail::gemm_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t) std::copy_n(x.row(t), d, x_.data() + t * d);
     });
-    eigen(y).noalias() = eigen(ConstMatrixView<T>(h_.matrix())) * eigen(w2_.value.matrix());
-    if (config_.bias) eigen(y).rowwise() += eigen(b2_.value.matrix()).row(0);
+    detail::blocked_gemm_nn<T>(x_.matrix(), std::as_const(w1_.value).matrix(), pre_.matrix(),
+                               {.bias = config_.bias ? b1_.value.data() : nullptr});
+    parallel_for_blocks(tokens, detail::gemm_block, [&](index_t first, index_t last) {
+      std::vector<T> scratch(static_cast<std::size_t>(K));
+      for (index_t t = first; t < last; ++t) {
+        T* h = h_.data() + t * G;
+        Act::forward(pre_.data() + t * Act::fan * G, h, G);
+        if (K > 0) keep_topk(h, kept_.data() + t * K, scratch.data());
+      }
+    });
+    detail::blocked_gemm_nn<T>(std::as_const(h_).matrix(), std::as_const(w2_.value).matrix(), y,
+                               {.bias = config_.bias ? b2_.value.data() : nullptr});
   }
 
   void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
@@ -96,33 +116,35 @@ class DenseMLP {
     if (tokens == 0) return;
     dh_.resize({tokens, G});
     dpre_.resize({tokens, Act::fan * G});
-    eigen(dh_.matrix()).noalias() = eigen(dy) * eigen(w2_.value.matrix()).transpose();
-    eigen(w2_.grad.matrix()).noalias() += eigen(ConstMatrixView<T>(h_.matrix())).transpose() * eigen(dy);
-    if (config_.bias) eigen(b2_.grad.matrix()) += eigen(dy).colwise().sum();
-    parallel_for(tokens, [&](index_t t) {
-      T* dh = dh_.data() + t * G;
-      if (K > 0) mask_to_kept(dh, kept_.data() + t * K);
-      Act::backward(pre_.data() + t * Act::fan * G, dh, dpre_.data() + t * Act::fan * G, G);
+    detail::blocked_gemm_nt<T>(dy, std::as_const(w2_.value).matrix(), dh_.matrix(), weight_t_);
+    detail::blocked_gemm_tn_add<T>(std::as_const(h_).matrix(), dy, w2_.grad.matrix());
+    if (config_.bias) detail::add_column_sums<T>(dy, b2_.grad.data());
+    parallel_for_blocks(tokens, detail::gemm_block, [&](index_t first, index_t last) {
+      std::vector<T> scratch(static_cast<std::size_t>(K));
+      for (index_t t = first; t < last; ++t) {
+        T* dh = dh_.data() + t * G;
+        if (K > 0) mask_to_kept(dh, kept_.data() + t * K, scratch.data());
+        Act::backward(pre_.data() + t * Act::fan * G, dh, dpre_.data() + t * Act::fan * G, G);
+      }
     });
-    eigen(w1_.grad.matrix()).noalias() +=
-        eigen(ConstMatrixView<T>(x_.matrix())).transpose() * eigen(ConstMatrixView<T>(dpre_.matrix()));
-    if (config_.bias) eigen(b1_.grad.matrix()) += eigen(ConstMatrixView<T>(dpre_.matrix())).colwise().sum();
-    eigen(dx).noalias() = eigen(ConstMatrixView<T>(dpre_.matrix())) * eigen(w1_.value.matrix()).transpose();
+    const ConstMatrixView<T> dpre = std::as_const(dpre_).matrix();
+    detail::blocked_gemm_tn_add<T>(std::as_const(x_).matrix(), dpre, w1_.grad.matrix());
+    if (config_.bias) detail::add_column_sums<T>(dpre, b1_.grad.data());
+    detail::blocked_gemm_nt<T>(dpre, std::as_const(w1_.value).matrix(), dx, weight_t_);
   }
 
  private:
-  // Keeps the K largest entries of h (length G), zeroes the rest, records the kept units.
-  void keep_topk(T* h, std::int32_t* kept) const {
+  // Keeps the K largest entries of h (length G), zeroes the rest, records the kept units;
+  // `values` is K scratch values.
+  void keep_topk(T* h, std::int32_t* kept, T* values) const {
     const index_t G = hidden(), K = config_.topk;
     select_topk(h, G, K, kept);
-    std::vector<T> values(static_cast<std::size_t>(K));
     for (index_t j = 0; j < K; ++j) values[j] = h[kept[j]];
     std::fill_n(h, G, T(0));
     for (index_t j = 0; j < K; ++j) h[kept[j]] = values[j];
   }
-  void mask_to_kept(T* dh, const std::int32_t* kept) const {
+  void mask_to_kept(T* dh, const std::int32_t* kept, T* values) const {
     const index_t G = hidden(), K = config_.topk;
-    std::vector<T> values(static_cast<std::size_t>(K));
     for (index_t j = 0; j < K; ++j) values[j] = dh[kept[j]];
     std::fill_n(dh, G, T(0));
     for (index_t j = 0; j < K; ++j) dh[kept[j]] = values[j];
@@ -133,6 +155,7 @@ class DenseMLP {
   Tensor<T> x_, pre_, h_;  // forward cache
   Tensor<std::int32_t> kept_;
   Tensor<T> dh_, dpre_;
+  Tensor<T> weight_t_;  // backward: a transposed weight for dh = dy·W2ᵀ, dx = dpre·W1ᵀ
 };
 
 }  // namespace smoe

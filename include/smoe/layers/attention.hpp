@@ -1,0 +1,369 @@
+#pragma once
+// CausalSelfAttention: multi-head causal self-attention with a fused QKV projection, rotary
+// position embedding and optional grouped-query heads, computed in blocks (flash attention).
+//
+//   qkv = x · W_qkv                 "qkv.weight" [d, (H + 2·H_kv)·d_head], columns
+//                                   [q head 0 … q head H−1 | k head 0 … H_kv−1 | v head 0 … H_kv−1]
+//   q, k ← RoPE(q, k)               rotary.hpp: half-split pairs (i, i + d_head/2), base 10000
+//   o_h = softmax(q_h k_gᵀ / √d_head + causal mask) v_g,   g = h / (H / H_kv)
+//   y = o · W_out                   "out.weight" [H·d_head, d], o = [o_0 … o_{H−1}]
+// (Vaswani et al. 2017; RoPE: Su et al. 2021; grouped-query: Ainslie et al. 2023, consecutive
+// query heads share a kv head as in LLaMA's repeat_kv; no biases.)
+//
+// Input: B independent sequences of length L as rows x [B·L, d], sequence-major. Each sequence
+// is causal on its own, and its positions are position_offset + 0 … L − 1 (RoPE only; the keys are
+// always those of the same call).
+//
+// Blocked computation (Dao et al. 2022, FlashAttention; Dao 2023, FlashAttention-2): queries and
+// keys are cut into blocks of `block` rows; a work item (sequence, head, query block) walks the
+// key blocks up to the diagonal with an online softmax (running max m and sum l per row), so the
+// scratch is O(block² + block·d_head) per thread and no L×L buffer exists. The forward saves the
+// rotated q, k, v, the attention output o and the per-row log-sum-exp; the backward recomputes
+// the probabilities blockwise, P = exp(q kᵀ/√d_head − lse), with D_i = Σ_c dO_ic O_ic:
+//   dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − D),   dQ = dS K / √d_head,   dK = dSᵀ Q / √d_head
+// in two passes so that no result is summed across threads: one over (sequence, kv head, key
+// block) accumulating dK, dV over its query heads and query blocks in order, one over (sequence,
+// head, query block) accumulating dQ. Results are the same for any thread count.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string_view>
+#include <vector>
+
+#include "smoe/core/parameter.hpp"
+#include "smoe/core/validate.hpp"
+#include "smoe/cpu/eigen.hpp"
+#include "smoe/cpu/parallel.hpp"
+#include "smoe/layers/detail/blocked_gemm.hpp"
+#include "smoe/layers/rotary.hpp"
+
+namespace smoe {
+
+struct AttentionConfig {
+  index_t d_model = 0;
+  index_t heads = 1;       // H, query heads
+  index_t kv_heads = 0;    // H_kv: 0 means H (multi-head); 1 is multi-query; must divide H
+  index_t head_dim = 0;    // d_head: 0 means d_model / H
+  bool rope = true;
+  double rope_base = 10000;
+  index_t block = 64;      // rows per query block and per key block
+
+  void validate(const char* context) const {
+    if (d_model < 1) fail(context, ": d_model must be >= 1, got ", d_model);
+    if (heads < 1) fail(context, ": heads must be >= 1, got ", heads);
+    if (kv_heads < 0) fail(context, ": kv_heads must be >= 0 (0 means heads), got ", kv_heads);
+    if (kv_heads > 0 && heads % kv_heads != 0)
+      fail(context, ": kv_heads must divide heads = ", heads, ", got ", kv_heads);
+    if (head_dim < 0) fail(context, ": head_dim must be >= 0 (0 means d_model / heads), got ", head_dim);
+    if (head_dim == 0 && d_model % heads != 0)
+      fail(context, ": head_dim = 0 needs heads to divide d_model = ", d_model, ", got heads = ", heads);
+    const index_t dh = head_dim == 0 ? d_model / heads : head_dim;
+    if (rope && dh % 2 != 0) fail(context, ": head_dim must be even for RoPE, got ", dh);
+    if (rope && (!(rope_base > 0) || !std::isfinite(rope_base)))
+      fail(context, ": rope_base must be finite and > 0, got ", rope_base);
+    if (block < 1) fail(context, ": block must be >= 1, got ", block);
+  }
+};
+
+template <class T>
+class CausalSelfAttention {
+ public:
+  using scalar_type = T;
+  using backend = cpu;
+  static constexpr const char* name = "CausalSelfAttention";
+  bool validate_inputs = validate_by_default;
+
+  explicit CausalSelfAttention(AttentionConfig c)
+      : config_(resolve(c)),
+        qkv_weight_({config_.d_model, qkv_width()}),
+        out_weight_({config_.heads * config_.head_dim, config_.d_model}) {}
+
+  // The config with kv_heads and head_dim resolved.
+  const AttentionConfig& config() const { return config_; }
+  index_t d_model() const { return config_.d_model; }
+  index_t heads() const { return config_.heads; }
+  index_t kv_heads() const { return config_.kv_heads; }
+  index_t head_dim() const { return config_.head_dim; }
+  index_t qkv_width() const { return (config_.heads + 2 * config_.kv_heads) * config_.head_dim; }
+  Parameter<T>& qkv_weight() { return qkv_weight_; }
+  Parameter<T>& out_weight() { return out_weight_; }
+  // Per-row log-sum-exp of the scaled scores of the last forward, [B·L, H].
+  const Tensor<T>& log_sum_exp() const { return lse_; }
+
+  template <class F>
+  void for_each_parameter(F&& f) {
+    f(std::string_view("qkv.weight"), qkv_weight_);
+    f(std::string_view("out.weight"), out_weight_);
+  }
+
+  // Accounting. Every weight takes part in every token.
+  index_t total_parameters() const { return d_model() * qkv_width() + heads() * head_dim() * d_model(); }
+  double active_parameters_per_token() const { return double(total_parameters()); }
+  // The projections only: 2·(d·(H + 2·H_kv)·d_head + H·d_head·d). Context-dependent work is in
+  // flops_per_token(context).
+  double flops_per_token() const { return 2.0 * double(total_parameters()); }
+  // Projections plus the causal score (q·k) and value (p·v) products averaged over the positions
+  // of one sequence of `context` tokens: query i attends i + 1 keys, (context + 1)/2 on average,
+  // each costing 2·H·d_head for the score and 2·H·d_head for the value, so
+  //   flops = 2·(d·(H + 2·H_kv)·d_head + H·d_head·d) + 2·H·d_head·(context + 1).
+  double flops_per_token(index_t context) const {
+    if (context < 1) fail(name, ": context must be >= 1, got ", context);
+    return flops_per_token() + 2.0 * double(heads() * head_dim()) * double(context + 1);
+  }
+
+  // x, y [B·L, d] with B = sequences (>= 1); positions restart at position_offset per sequence.
+  void forward(ConstMatrixView<T> x, MatrixView<T> y, index_t sequences, index_t position_offset = 0) {
+    using namespace cpu_kernels;
+    const index_t d = d_model();
+    if (sequences < 1) fail(name, ": sequences must be >= 1, got ", sequences);
+    if (position_offset < 0) fail(name, ": position_offset must be >= 0, got ", position_offset);
+    expect_shape(name, "x", x, x.rows, d);
+    if (x.rows % sequences != 0)
+      fail(name, ": x rows (B·L) must be a multiple of sequences = ", sequences, ", got ", x.rows);
+    expect_shape(name, "y", y, x.rows, d);
+    if (validate_inputs) check_finite(name, "x", x);
+    const index_t N = x.rows, H = heads(), G = kv_heads(), dh = head_dim(), W = qkv_width();
+    sequences_ = sequences;
+    length_ = N / sequences;
+    x_.resize({N, d});
+    qkv_.resize({N, W});
+    o_.resize({N, H * dh});
+    lse_.resize({N, H});
+    if (N == 0) return;
+    parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t) std::copy_n(x.row(t), d, x_.data() + t * d);
+    });
+    detail::blocked_gemm_nn<T>(x_.matrix(), qkv_weight_.value.matrix(), qkv_.matrix());
+    if (config_.rope) {
+      rope_.build(dh, config_.rope_base, position_offset, length_);
+      parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
+        for (index_t t = first; t < last; ++t) {
+          T* row = qkv_.data() + t * W;
+          for (index_t h = 0; h < H + G; ++h) rope_.rotate(row + h * dh, t % length_);  // q heads, then k heads
+        }
+      });
+    }
+    attention_forward();
+    detail::blocked_gemm_nn<T>(o_.matrix(), out_weight_.value.matrix(), y);
+  }
+
+  // Writes dx [B·L, d]; accumulates the gradients of both weights.
+  void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
+    using namespace cpu_kernels;
+    if (x_.rank() != 2) fail(name, ": backward called before forward");
+    const index_t N = x_.dim(0), d = d_model(), H = heads(), G = kv_heads(), dh = head_dim(), W = qkv_width();
+    expect_shape(name, "dy", dy, N, d);
+    expect_shape(name, "dx", dx, N, d);
+    if (validate_inputs) check_finite(name, "dy", dy);
+    if (N == 0) return;
+    do_.resize({N, H * dh});
+    delta_.resize({N, H});
+    dqkv_.resize({N, W});
+    detail::blocked_gemm_nt<T>(dy, out_weight_.value.matrix(), do_.matrix(), weight_t_);
+    detail::blocked_gemm_tn_add<T>(o_.matrix(), dy, out_weight_.grad.matrix());
+    parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t)
+        for (index_t h = 0; h < H; ++h) {
+          const T* g = do_.data() + t * H * dh + h * dh;
+          const T* o = o_.data() + t * H * dh + h * dh;
+          T s = 0;
+          for (index_t c = 0; c < dh; ++c) s += g[c] * o[c];
+          delta_[t * H + h] = s;
+        }
+    });
+    attention_backward_kv();
+    attention_backward_q();
+    if (config_.rope) {
+      parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
+        for (index_t t = first; t < last; ++t) {
+          T* row = dqkv_.data() + t * W;
+          for (index_t h = 0; h < H + G; ++h) rope_.rotate_back(row + h * dh, t % length_);
+        }
+      });
+    }
+    detail::blocked_gemm_tn_add<T>(x_.matrix(), dqkv_.matrix(), qkv_weight_.grad.matrix());
+    detail::blocked_gemm_nt<T>(dqkv_.matrix(), qkv_weight_.value.matrix(), dx, weight_t_);
+  }
+
+ private:
+  static constexpr index_t row_block = 64;  // tokens per work item of the row-wise steps
+
+  struct Scratch {
+    Tensor<T> s, dp, acc, acc2, m, l;  // scores/probabilities, dP/dS, accumulators, row max and sum
+  };
+
+  static AttentionConfig resolve(AttentionConfig c) {
+    c.validate(name);
+    if (c.kv_heads == 0) c.kv_heads = c.heads;
+    if (c.head_dim == 0) c.head_dim = c.d_model / c.heads;
+    return c;
+  }
+
+  index_t blocks() const { return (length_ + config_.block - 1) / config_.block; }
+  T scale() const { return T(1.0 / std::sqrt(double(head_dim()))); }
+
+  // Rows [row, row + n) of one head's columns starting at `col` in a [N, width] buffer.
+  static ConstMatrixView<T> head_rows(const Tensor<T>& buffer, index_t width, index_t row, index_t n, index_t col,
+                                      index_t dh) {
+    return ConstMatrixView<T>(buffer.data() + row * width + col, n, dh, width);
+  }
+
+  // P_ij = exp(S_ij − lse_i) where key j is visible to query i (all of it below the diagonal
+  // block, j <= i on it), 0 where masked. s is [nq, nk]; lse holds H-strided row values.
+  static void probabilities(MatrixView<T> s, const T* lse, index_t lse_stride, bool diagonal) {
+    for (index_t i = 0; i < s.rows; ++i) {
+      T* row = s.row(i);
+      const T m = lse[i * lse_stride];
+      const index_t visible = diagonal ? i + 1 : s.cols;
+      for (index_t j = 0; j < visible; ++j) row[j] = std::exp(row[j] - m);
+      for (index_t j = visible; j < s.cols; ++j) row[j] = T(0);
+    }
+  }
+
+  void attention_forward() {
+    using namespace cpu_kernels;
+    const index_t L = length_, H = heads(), G = kv_heads(), dh = head_dim(), W = qkv_width(), blk = config_.block;
+    const index_t nb = blocks(), rep = H / G;
+    const T scale = this->scale();
+    scratch_.resize(static_cast<std::size_t>(max_threads()));
+    parallel_for_indexed(sequences_ * H * nb, [&](index_t item, int thread) {
+      const index_t qb = nb - 1 - item % nb;  // long rows first: better balance, same results
+      const index_t h = (item / nb) % H, b = item / (nb * H), g = h / rep;
+      const index_t q0 = qb * blk, nq = std::min(blk, L - q0), row0 = b * L;
+      Scratch& sc = scratch_[static_cast<std::size_t>(thread)];
+      sc.acc.resize({nq, dh});
+      sc.acc.zero();
+      sc.m.resize({nq});
+      sc.m.fill(-std::numeric_limits<T>::infinity());
+      sc.l.resize({nq});
+      sc.l.zero();
+      sc.s.resize({nq, blk});
+      const auto acc = sc.acc.matrix();
+      const auto q = head_rows(qkv_, W, row0 + q0, nq, h * dh, dh);
+      for (index_t kb = 0; kb <= qb; ++kb) {
+        const index_t k0 = kb * blk, nk = std::min(blk, L - k0);
+        const auto k = head_rows(qkv_, W, row0 + k0, nk, (H + g) * dh, dh);
+        const auto v = head_rows(qkv_, W, row0 + k0, nk, (H + G + g) * dh, dh);
+        const MatrixView<T> s(sc.s.data(), nq, nk);
+        eigen(s).noalias() = scale * (eigen(q) * eigen(k).transpose());
+        for (index_t i = 0; i < nq; ++i) {
+          T* row = s.row(i);
+          const index_t visible = kb == qb ? i + 1 : nk;  // the diagonal block has k0 == q0
+          T m = sc.m[i];
+          for (index_t j = 0; j < visible; ++j) m = std::max(m, row[j]);
+          const T alpha = std::exp(sc.m[i] - m);  // 0 on the first block (m was −inf)
+          T sum = 0;
+          for (index_t j = 0; j < visible; ++j) sum += (row[j] = std::exp(row[j] - m));
+          for (index_t j = visible; j < nk; ++j) row[j] = T(0);
+          sc.l[i] = sc.l[i] * alpha + sum;
+          sc.m[i] = m;
+          if (kb > 0) eigen(acc).row(i) *= alpha;
+        }
+        eigen(acc).noalias() += eigen(ConstMatrixView<T>(s)) * eigen(v);
+      }
+      for (index_t i = 0; i < nq; ++i) {
+        const index_t t = row0 + q0 + i;
+        const T inv = T(1) / sc.l[i];
+        T* out = o_.data() + t * H * dh + h * dh;
+        for (index_t c = 0; c < dh; ++c) out[c] = acc(i, c) * inv;
+        lse_[t * H + h] = sc.m[i] + std::log(sc.l[i]);
+      }
+    });
+  }
+
+  // dK, dV: one work item per (sequence, kv head, key block), over its query heads and blocks in order.
+  void attention_backward_kv() {
+    using namespace cpu_kernels;
+    const index_t L = length_, H = heads(), G = kv_heads(), dh = head_dim(), W = qkv_width(), blk = config_.block;
+    const index_t nb = blocks(), rep = H / G;
+    const T scale = this->scale();
+    scratch_.resize(static_cast<std::size_t>(max_threads()));
+    parallel_for_indexed(sequences_ * G * nb, [&](index_t item, int thread) {
+      const index_t kb = item % nb, g = (item / nb) % G, b = item / (nb * G);
+      const index_t k0 = kb * blk, nk = std::min(blk, L - k0), row0 = b * L;
+      Scratch& sc = scratch_[static_cast<std::size_t>(thread)];
+      sc.acc.resize({nk, dh});
+      sc.acc.zero();
+      sc.acc2.resize({nk, dh});
+      sc.acc2.zero();
+      sc.s.resize({blk, nk});
+      sc.dp.resize({blk, nk});
+      const auto dk = sc.acc.matrix(), dv = sc.acc2.matrix();
+      const auto k = head_rows(qkv_, W, row0 + k0, nk, (H + g) * dh, dh);
+      const auto v = head_rows(qkv_, W, row0 + k0, nk, (H + G + g) * dh, dh);
+      for (index_t h = g * rep; h < (g + 1) * rep; ++h)
+        for (index_t qb = kb; qb < nb; ++qb) {
+          const index_t q0 = qb * blk, nq = std::min(blk, L - q0);
+          const auto q = head_rows(qkv_, W, row0 + q0, nq, h * dh, dh);
+          const auto dout = head_rows(do_, H * dh, row0 + q0, nq, h * dh, dh);
+          const MatrixView<T> p(sc.s.data(), nq, nk), ds(sc.dp.data(), nq, nk);
+          eigen(p).noalias() = scale * (eigen(q) * eigen(k).transpose());
+          probabilities(p, lse_.data() + (row0 + q0) * H + h, H, qb == kb);
+          eigen(dv).noalias() += eigen(ConstMatrixView<T>(p)).transpose() * eigen(dout);
+          eigen(ds).noalias() = eigen(dout) * eigen(v).transpose();
+          for (index_t i = 0; i < nq; ++i) {
+            const T delta = delta_[(row0 + q0 + i) * H + h];
+            T* dsr = ds.row(i);
+            const T* pr = p.row(i);
+            for (index_t j = 0; j < nk; ++j) dsr[j] = pr[j] * (dsr[j] - delta);
+          }
+          eigen(dk).noalias() += scale * (eigen(ConstMatrixView<T>(ds)).transpose() * eigen(q));
+        }
+      for (index_t j = 0; j < nk; ++j) {
+        T* row = dqkv_.data() + (row0 + k0 + j) * W;
+        std::copy_n(dk.row(j), dh, row + (H + g) * dh);
+        std::copy_n(dv.row(j), dh, row + (H + G + g) * dh);
+      }
+    });
+  }
+
+  // dQ: one work item per (sequence, head, query block), over its key blocks in order.
+  void attention_backward_q() {
+    using namespace cpu_kernels;
+    const index_t L = length_, H = heads(), G = kv_heads(), dh = head_dim(), W = qkv_width(), blk = config_.block;
+    const index_t nb = blocks(), rep = H / G;
+    const T scale = this->scale();
+    scratch_.resize(static_cast<std::size_t>(max_threads()));
+    parallel_for_indexed(sequences_ * H * nb, [&](index_t item, int thread) {
+      const index_t qb = nb - 1 - item % nb;
+      const index_t h = (item / nb) % H, b = item / (nb * H), g = h / rep;
+      const index_t q0 = qb * blk, nq = std::min(blk, L - q0), row0 = b * L;
+      Scratch& sc = scratch_[static_cast<std::size_t>(thread)];
+      sc.acc.resize({nq, dh});
+      sc.acc.zero();
+      sc.s.resize({nq, blk});
+      sc.dp.resize({nq, blk});
+      const auto dq = sc.acc.matrix();
+      const auto q = head_rows(qkv_, W, row0 + q0, nq, h * dh, dh);
+      const auto dout = head_rows(do_, H * dh, row0 + q0, nq, h * dh, dh);
+      for (index_t kb = 0; kb <= qb; ++kb) {
+        const index_t k0 = kb * blk, nk = std::min(blk, L - k0);
+        const auto k = head_rows(qkv_, W, row0 + k0, nk, (H + g) * dh, dh);
+        const auto v = head_rows(qkv_, W, row0 + k0, nk, (H + G + g) * dh, dh);
+        const MatrixView<T> p(sc.s.data(), nq, nk), ds(sc.dp.data(), nq, nk);
+        eigen(p).noalias() = scale * (eigen(q) * eigen(k).transpose());
+        probabilities(p, lse_.data() + (row0 + q0) * H + h, H, qb == kb);
+        eigen(ds).noalias() = eigen(dout) * eigen(v).transpose();
+        for (index_t i = 0; i < nq; ++i) {
+          const T delta = delta_[(row0 + q0 + i) * H + h];
+          T* dsr = ds.row(i);
+          const T* pr = p.row(i);
+          for (index_t j = 0; j < nk; ++j) dsr[j] = pr[j] * (dsr[j] - delta);
+        }
+        eigen(dq).noalias() += scale * (eigen(ConstMatrixView<T>(ds)) * eigen(k));
+      }
+      for (index_t i = 0; i < nq; ++i) std::copy_n(dq.row(i), dh, dqkv_.data() + (row0 + q0 + i) * W + h * dh);
+    });
+  }
+
+  AttentionConfig config_;
+  Parameter<T> qkv_weight_, out_weight_;
+  index_t sequences_ = 0, length_ = 0;
+  RotaryTable<T> rope_;
+  Tensor<T> x_, qkv_, o_, lse_;   // forward cache: input, rotated q|k|v, attention output, log-sum-exp
+  Tensor<T> do_, delta_, dqkv_;   // backward: dO, D = rowsum(dO ⊙ O), d(q|k|v)
+  Tensor<T> weight_t_;            // backward: a transposed weight for dx = dy·Wᵀ
+  std::vector<Scratch> scratch_;  // per thread
+};
+
+}  // namespace smoe

@@ -1,0 +1,100 @@
+#pragma once
+// Deterministic blocked GEMMs for the dense transformer layers (row-major views), on the library's
+// single-threaded GEMM kernel (cpu/gemm_kernel.hpp: AVX-512 micro-kernels where the CPU has them,
+// Eigen otherwise).
+//
+// Every product is cut into blocks that depend only on the shapes, and each block is one
+// cpu_kernels::gemm call inside parallel_for_blocks: results are bitwise identical for any thread
+// count. Weight gradients (c += aᵀ·b) are split over the output, never over the summed dimension,
+// so no cross-thread reduction is needed. A transposed B (c = a·bᵀ) is transposed once per call
+// into the caller's scratch and shared read-only by the blocks (the kernel reads B row-major, and
+// transposing per block would redo the O(k·n) copy for every block).
+#include <algorithm>
+#include <cassert>
+#include <type_traits>
+
+#include "smoe/core/tensor.hpp"
+#include "smoe/core/view.hpp"
+#include "smoe/cpu/eigen.hpp"
+#include "smoe/cpu/gemm_kernel.hpp"
+#include "smoe/cpu/parallel.hpp"
+
+namespace smoe::detail {
+
+// Rows (or columns) per work item; the last block also takes the remainder (parallel_for_blocks).
+inline constexpr index_t gemm_block = 64;
+
+// Columns [begin, end) of m as a view of the same memory (U is T or const T).
+template <class U>
+MatrixView<U> column_range(MatrixView<U> m, index_t begin, index_t end) {
+  assert(0 <= begin && begin <= end && end <= m.cols);
+  return MatrixView<U>(m.data == nullptr ? nullptr : m.data + begin, m.rows, end - begin, m.stride);
+}
+
+// out [b.cols, b.rows] = bᵀ (exact: a copy, no arithmetic).
+template <class T>
+void transpose_into(std::type_identity_t<ConstMatrixView<T>> b, Tensor<T>& out) {
+  out.resize({b.cols, b.rows});
+  if (b.rows == 0 || b.cols == 0) return;
+#if defined(SMOE_HAVE_AVX512_GEMM)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (cpu_kernels::avx512::cpu_supports_avx512()) {
+      cpu_kernels::avx512::transpose(b.rows, b.cols, b.data, b.stride, out.data(), b.rows);
+      return;
+    }
+  }
+#endif
+  cpu_kernels::eigen(out.matrix()) = cpu_kernels::eigen(b).transpose();
+}
+
+// c = epilogue(a·b): a [n, k], b [k, m], c [n, m]. Blocks of rows.
+template <class T>
+void blocked_gemm_nn(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b,
+                     MatrixView<T> c, cpu_kernels::GemmEpilogue<T> ep = {}) {
+  using namespace cpu_kernels;
+  assert(a.rows == c.rows && a.cols == b.rows && b.cols == c.cols);
+  parallel_for_blocks(c.rows, gemm_block, [&](index_t first, index_t last) {
+    gemm(a.rows_range(first, last), Op::none, b, Op::none, c.rows_range(first, last), ep);
+  });
+}
+
+// c = epilogue(a·bᵀ): a [n, k], b [m, k], c [n, m]. bᵀ goes into `b_t` once, then blocks of rows.
+template <class T>
+void blocked_gemm_nt(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b,
+                     MatrixView<T> c, Tensor<T>& b_t, cpu_kernels::GemmEpilogue<T> ep = {}) {
+  assert(a.rows == c.rows && a.cols == b.cols && b.rows == c.cols);
+  if (c.rows == 0 || c.cols == 0) return;
+  transpose_into<T>(b, b_t);
+  blocked_gemm_nn<T>(a, std::as_const(b_t).matrix(), c, ep);
+}
+
+// c += aᵀ·b; a [n, k], b [n, m], c [k, m] (a weight gradient). Split over c's longer side, each
+// block summing over all n rows in one GEMM (A is read transposed in place).
+template <class T>
+void blocked_gemm_tn_add(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b,
+                         MatrixView<T> c) {
+  using namespace cpu_kernels;
+  assert(a.rows == b.rows && a.cols == c.rows && b.cols == c.cols);
+  if (a.rows == 0) return;
+  const GemmEpilogue<T> add{.accumulate = true};
+  if (c.rows >= c.cols) {
+    parallel_for_blocks(c.rows, gemm_block, [&](index_t first, index_t last) {
+      gemm(column_range(a, first, last), Op::transpose, b, Op::none, c.rows_range(first, last), add);
+    });
+  } else {
+    parallel_for_blocks(c.cols, gemm_block, [&](index_t first, index_t last) {
+      gemm(a, Op::transpose, column_range(b, first, last), Op::none, column_range(c, first, last), add);
+    });
+  }
+}
+
+// out[c] += Σ_t m[t, c] (a bias gradient), t in order: the same for any thread count.
+template <class T>
+void add_column_sums(std::type_identity_t<ConstMatrixView<T>> m, T* out) {
+  for (index_t t = 0; t < m.rows; ++t) {
+    const T* row = m.row(t);
+    for (index_t c = 0; c < m.cols; ++c) out[c] += row[c];
+  }
+}
+
+}  // namespace smoe::detail

@@ -1,0 +1,276 @@
+#pragma once
+// TransformerBlock<Attention, FFN, Norm>: the pre-norm residual block of GPT-2 (Radford et al.
+// 2019) and LLaMA (Touvron et al. 2023), with any feed-forward layer:
+//
+//   h = x + Attn(AttnNorm(x))           parameters "attn_norm.…", "attn.…"
+//   y = h + FFN(FFNNorm(h))             parameters "ffn_norm.…",  "ffn.…"
+//
+// backward, with the layers' own backward passes (each writes its input gradient):
+//   dh = dy + FFNNormᵀ(FFNᵀ(dy)),   dx = dh + AttnNormᵀ(Attnᵀ(dh))
+//
+// FFN is any FeedForward (layers/feed_forward.hpp): DenseMLP, the Top-K-activation MLP, any
+// MoE<> (token-choice routers, product-key memory, experts over a shared pool) or a user's layer.
+// Its aux loss is returned by forward; the training objective adds it with weight 1, and its
+// gradient is inside FFN::backward (MoE<>'s convention), so the block's backward is complete.
+// The FFN is visited through for_each_layer_parameter, so per-layer parameters of shared-pool
+// experts (SaMoE's "combine") are named "ffn.combine".
+//
+// Memory: the block owns FFNNorm(h) [N, d], which MoE<> keeps as a view until backward (it does
+// not copy its input), and h [N, d]; backward scratch is two [N, d] buffers. The layers keep
+// their own caches, so the caller may reuse x's buffer between forward and backward.
+// Attention is any type with d_model(), forward(x, y, sequences) and backward(dy, dx), such as
+// CausalSelfAttention; Norm (RMSNorm by default, or LayerNorm) any type with d_model(),
+// forward(x, y), backward(dy, dx) and a config() whose type has d_model (and eps).
+#include <cmath>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+#include "smoe/core/buffer.hpp"
+#include "smoe/core/parameter.hpp"
+#include "smoe/core/tensor.hpp"
+#include "smoe/core/validate.hpp"
+#include "smoe/cpu/parallel.hpp"
+#include "smoe/layers/accounting.hpp"
+#include "smoe/layers/feed_forward.hpp"
+#include "smoe/layers/layer_parameters.hpp"
+#include "smoe/layers/rms_norm.hpp"
+#include "smoe/layers/timing.hpp"
+
+namespace smoe {
+
+template <class A>
+concept BlockAttention = requires(A& a, const A& ca, ConstMatrixView<typename A::scalar_type> x,
+                                  MatrixView<typename A::scalar_type> y, index_t sequences) {
+  { ca.d_model() } -> std::convertible_to<index_t>;
+  a.forward(x, y, sequences);
+  a.backward(x, y);
+};
+
+template <class N>
+concept BlockNorm = requires(N& n, const N& cn, ConstMatrixView<typename N::scalar_type> x,
+                             MatrixView<typename N::scalar_type> y) {
+  { cn.d_model() } -> std::convertible_to<index_t>;
+  n.forward(x, y);
+  n.backward(x, y);
+};
+
+namespace detail {
+
+// A norm over d features from its own config type, with eps when given (> 0).
+template <BlockNorm Norm>
+Norm make_norm(index_t d, double eps) {
+  using Config = std::remove_cvref_t<decltype(std::declval<const Norm&>().config())>;
+  Config c{};
+  c.d_model = d;
+  if constexpr (requires { c.eps; })
+    if (eps > 0) c.eps = eps;
+  return Norm(c);
+}
+
+inline void check_norm_eps(const char* context, double eps) {
+  if (!(eps >= 0) || !std::isfinite(eps))
+    fail(context, ": norm_eps must be finite and >= 0 (0: the norm's default), got ", eps);
+}
+
+// out = a + b, row blocks (a, b, out [N, d]; out may be a or b).
+template <class T>
+void add_rows(ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> out) {
+  cpu_kernels::parallel_for_blocks(out.rows, 64, [&](index_t first, index_t last) {
+    for (index_t t = first; t < last; ++t) {
+      const T *pa = a.row(t), *pb = b.row(t);
+      T* po = out.row(t);
+      for (index_t c = 0; c < out.cols; ++c) po[c] = pa[c] + pb[c];
+    }
+  });
+}
+
+template <class C>
+void set_validate_inputs(C& c, bool on) {
+  if constexpr (requires { c.validate_inputs = on; }) c.validate_inputs = on;
+}
+
+}  // namespace detail
+
+template <BlockAttention Attention, FeedForward FFN, BlockNorm Norm = RMSNorm<typename FFN::scalar_type>>
+  requires(std::is_same_v<typename Attention::scalar_type, typename FFN::scalar_type> &&
+           std::is_same_v<typename Norm::scalar_type, typename FFN::scalar_type>)
+class TransformerBlock {
+ public:
+  using scalar_type = typename FFN::scalar_type;
+  using T = scalar_type;
+  using backend = cpu;
+  using attention_type = Attention;
+  using ffn_type = FFN;
+  using norm_type = Norm;
+  static constexpr const char* name = "TransformerBlock";
+
+  // Norms over attention.d_model() with eps `norm_eps` (0: the norm type's default).
+  TransformerBlock(Attention attention, FFN ffn, double norm_eps = 0)
+      : attn_norm_(detail::make_norm<Norm>(attention.d_model(), (detail::check_norm_eps(name, norm_eps), norm_eps))),
+        attn_(std::move(attention)),
+        ffn_norm_(detail::make_norm<Norm>(ffn.d_model(), norm_eps)),
+        ffn_(std::move(ffn)) {
+    check_widths();
+  }
+  TransformerBlock(Norm attn_norm, Attention attention, Norm ffn_norm, FFN ffn)
+      : attn_norm_(std::move(attn_norm)), attn_(std::move(attention)), ffn_norm_(std::move(ffn_norm)),
+        ffn_(std::move(ffn)) {
+    check_widths();
+  }
+
+  index_t d_model() const { return attn_.d_model(); }
+  Norm& attn_norm() { return attn_norm_; }
+  Attention& attention() { return attn_; }
+  Norm& ffn_norm() { return ffn_norm_; }
+  FFN& ffn() { return ffn_; }
+  const Norm& attn_norm() const { return attn_norm_; }
+  const Attention& attention() const { return attn_; }
+  const Norm& ffn_norm() const { return ffn_norm_; }
+  const FFN& ffn() const { return ffn_; }
+
+  template <class F>
+  void for_each_parameter(F&& f) {
+    if constexpr (HasParameters<Norm>) attn_norm_.for_each_parameter(with_prefix("attn_norm.", f));
+    if constexpr (HasParameters<Attention>) attn_.for_each_parameter(with_prefix("attn.", f));
+    if constexpr (HasParameters<Norm>) ffn_norm_.for_each_parameter(with_prefix("ffn_norm.", f));
+    if constexpr (HasParameters<FFN>) for_each_layer_parameter(ffn_, with_prefix("ffn.", f));
+  }
+  // Non-trained state of the parts (core/buffer.hpp), e.g. "ffn.router.bias".
+  template <class F>
+  void for_each_buffer(F&& f) {
+    for_each_buffer_of(attn_norm_, with_prefix("attn_norm.", f));
+    for_each_buffer_of(attn_, with_prefix("attn.", f));
+    for_each_buffer_of(ffn_norm_, with_prefix("ffn_norm.", f));
+    for_each_buffer_of(ffn_, with_prefix("ffn.", f));
+  }
+  // Step counters of stochastic parts, e.g. "ffn.router.step".
+  template <class F>
+  void for_each_counter(F&& f) {
+    for_each_counter_of(attn_, with_prefix("attn.", f));
+    for_each_counter_of(ffn_, with_prefix("ffn.", f));
+  }
+
+  // Accounting (layers/accounting.hpp conventions): norms + attention + FFN.
+  index_t total_parameters() const {
+    return smoe::total_parameters(attn_norm_) + smoe::total_parameters(attn_) + smoe::total_parameters(ffn_norm_) +
+           smoe::total_parameters(ffn_);
+  }
+  double active_parameters_per_token() const {
+    return smoe::active_parameters_per_token(attn_norm_) + smoe::active_parameters_per_token(attn_) +
+           smoe::active_parameters_per_token(ffn_norm_) + smoe::active_parameters_per_token(ffn_);
+  }
+  // Projections and FFN only; flops_per_token(context) adds attention's score and value products.
+  double flops_per_token() const { return smoe::flops_per_token(attn_) + smoe::flops_per_token(ffn_); }
+  double flops_per_token(index_t context) const {
+    if constexpr (requires { attn_.flops_per_token(context); })
+      return double(attn_.flops_per_token(context)) + smoe::flops_per_token(ffn_);
+    else
+      return flops_per_token();
+  }
+  // Per-forward FLOPs that do not scale with the tokens (SaMoE's weight-space materialization).
+  double materialization_flops() const { return smoe::materialization_flops(ffn_); }
+
+  // Sets validate_inputs (NaN/Inf scans) of every part that has it.
+  void set_validate_inputs(bool on) {
+    detail::set_validate_inputs(attn_norm_, on);
+    detail::set_validate_inputs(attn_, on);
+    detail::set_validate_inputs(ffn_norm_, on);
+    detail::set_validate_inputs(ffn_, on);
+  }
+
+  // Where forward and backward add their wall times (null: off, the default). A FFN with
+  // set_times(MoETimes*) gets &times->moe.
+  void set_times(BlockTimes* times) {
+    times_ = times;
+    if constexpr (requires(MoETimes* m) { ffn_.set_times(m); }) ffn_.set_times(times ? &times->moe : nullptr);
+  }
+  BlockTimes* times() const { return times_; }
+
+  // x, y [B·L, d], B = sequences (each causal on its own); y may not be x's memory.
+  FeedForwardOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, index_t sequences, Mode mode = Mode::eval) {
+    const index_t N = x.rows, d = d_model();
+    expect_shape(name, "x", x, N, d);
+    expect_shape(name, "y", y, N, d);
+    if (sequences < 1) fail(name, ": sequences must be >= 1, got ", sequences);
+    if (N % sequences != 0) fail(name, ": x rows (B·L) must be a multiple of sequences = ", sequences, ", got ", N);
+    if (N > 0 && static_cast<const void*>(x.data) == static_cast<const void*>(y.data))
+      fail(name, ": y must not be the memory of x (forward reads x after writing y)");
+    a_.resize({N, d});
+    h_.resize({N, d});
+    b_.resize({N, d});
+    has_forward_ = true;
+    {
+      ScopedTimer timer(slot(&BlockTimes::norms_forward));
+      attn_norm_.forward(x, a_.matrix());
+    }
+    {
+      ScopedTimer timer(slot(&BlockTimes::attention_forward));
+      attn_.forward(std::as_const(a_).matrix(), y, sequences);
+    }
+    {
+      ScopedTimer timer(slot(&BlockTimes::norms_forward));
+      detail::add_rows<T>(x, y, h_.matrix());
+      ffn_norm_.forward(std::as_const(h_).matrix(), b_.matrix());
+    }
+    FeedForwardOutput<T> out;
+    {
+      ScopedTimer timer(slot(&BlockTimes::ffn_forward));
+      out = feed_forward(ffn_, std::as_const(b_).matrix(), y, mode);  // the FFN may keep a view of b_
+    }
+    {
+      ScopedTimer timer(slot(&BlockTimes::norms_forward));
+      detail::add_rows<T>(y, std::as_const(h_).matrix(), y);
+    }
+    return out;
+  }
+
+  // dy, dx [B·L, d] of the last forward; dx may be dy's memory. Accumulates every parameter's
+  // gradient, the FFN's aux-loss gradient included.
+  void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
+    if (!has_forward_) fail(name, ": backward called before forward");
+    const index_t N = h_.dim(0), d = d_model();
+    expect_shape(name, "dy", dy, N, d);
+    expect_shape(name, "dx", dx, N, d);
+    g_.resize({N, d});
+    dh_.resize({N, d});
+    {
+      ScopedTimer timer(slot(&BlockTimes::ffn_backward));
+      ffn_.backward(dy, g_.matrix());
+    }
+    {
+      ScopedTimer timer(slot(&BlockTimes::norms_backward));
+      ffn_norm_.backward(std::as_const(g_).matrix(), dh_.matrix());
+      detail::add_rows<T>(std::as_const(dh_).matrix(), dy, dh_.matrix());
+    }
+    {
+      ScopedTimer timer(slot(&BlockTimes::attention_backward));
+      attn_.backward(std::as_const(dh_).matrix(), g_.matrix());
+    }
+    {
+      ScopedTimer timer(slot(&BlockTimes::norms_backward));
+      attn_norm_.backward(std::as_const(g_).matrix(), dx);
+      detail::add_rows<T>(ConstMatrixView<T>(dx), std::as_const(dh_).matrix(), dx);
+    }
+  }
+
+ private:
+  void check_widths() const {
+    const index_t d = attn_.d_model();
+    expect_equal(name, "ffn.d_model() (= attention.d_model())", d, ffn_.d_model());
+    expect_equal(name, "attn_norm.d_model() (= attention.d_model())", d, attn_norm_.d_model());
+    expect_equal(name, "ffn_norm.d_model() (= attention.d_model())", d, ffn_norm_.d_model());
+  }
+  double* slot(double BlockTimes::*part) const { return times_ ? &(times_->*part) : nullptr; }
+
+  Norm attn_norm_;
+  Attention attn_;
+  Norm ffn_norm_;
+  FFN ffn_;
+  bool has_forward_ = false;
+  Tensor<T> a_, h_, b_;  // forward: AttnNorm(x), h, FFNNorm(h) (the FFN's input, kept for backward)
+  Tensor<T> g_, dh_;     // backward scratch
+  BlockTimes* times_ = nullptr;
+};
+
+}  // namespace smoe
