@@ -9,6 +9,7 @@
 //
 // Built by a stable counting sort: within an expert, slots follow (token, k) order, so the
 // layout is deterministic and independent of thread schedules.
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -32,6 +33,11 @@ struct Dispatch {
   index_t expert_end(index_t e) const { return offsets[static_cast<std::size_t>(e) + 1]; }
   index_t count(index_t e) const { return expert_end(e) - expert_begin(e); }
   std::int32_t slot(index_t t, index_t kk) const { return token_slot[static_cast<std::size_t>(t * k + kk)]; }
+  // The expert that owns slot s (a binary search over the offsets).
+  index_t expert_of_slot(index_t s) const {
+    return static_cast<index_t>(std::upper_bound(offsets.begin() + 1, offsets.end(), static_cast<std::int32_t>(s)) -
+                                (offsets.begin() + 1));
+  }
   // Cumulative ends per expert [E], the grouped-GEMM convention.
   std::span<const std::int32_t> ends() const { return {offsets.data() + 1, static_cast<std::size_t>(experts)}; }
 };

@@ -20,4 +20,19 @@ concept Experts = requires(X& x, const X& cx, ConstMatrixView<typename X::scalar
   x.backward(in, dispatch, in, out);
 };
 
+// Optionally, experts whose per-slot outputs are cheap to read again (rows of a table) may compute
+// their gate-weighted sum directly:
+//   forward_weighted(x, dispatch, y [T, d])       y[t] = Σ_k gate(t, k) · out(slot(t, k))
+//   backward_weighted(x, dispatch, dy, d_gates [T, K], dx)
+//                                                 WRITES d_gates(t, k) = <dy[t], out(slot(t, k))>
+//                                                 (0 for empty slots) and dx; accumulates parameters
+// MoE<> with the WeightedSum combiner then uses them and keeps no [A, d] per-slot buffers.
+template <class X>
+concept WeightedExperts =
+    Experts<X> && requires(X& x, ConstMatrixView<typename X::scalar_type> in,
+                           const Dispatch<typename X::scalar_type>& dispatch, MatrixView<typename X::scalar_type> out) {
+      x.forward_weighted(in, dispatch, out);
+      x.backward_weighted(in, dispatch, in, out, out);
+    };
+
 }  // namespace smoe

@@ -3,8 +3,10 @@
 // (Lample et al. 2019; sigma-MoE, Csordás et al. 2023, Sec. 3.2). Expert e outputs its row,
 // whatever the token:
 //   ys[s] = values[e(s)]        backward: values.grad[e] += Σ_{s of e} dys[s],  dx = 0 (written)
-// With a ProductKeyRouter, MoE<> then computes y = Σ gate · values[id] through the usual
-// dispatch and WeightedSum combiner. Forward and backward are O(A·d + E).
+// With a ProductKeyRouter, MoE<> computes y = Σ gate · values[id] through the usual dispatch;
+// with the WeightedSum combiner it uses forward_weighted / backward_weighted, which read the
+// value rows where they are instead of copying them per slot (experts/experts.hpp). Forward and
+// backward are O(A·d + E).
 #include <algorithm>
 #include <string_view>
 
@@ -72,8 +74,62 @@ class ValueExperts {
     for (index_t t = 0; t < dx.rows; ++t) std::fill_n(dx.row(t), d, T(0));  // the output does not depend on x
   }
 
+  // y[t] = Σ_k gate · values[e(t, k)], per token: no per-slot copies of the rows.
+  void forward_weighted(ConstMatrixView<T> x, const Dispatch<T>& dispatch, MatrixView<T> y) {
+    check(x, dispatch);
+    const index_t d = d_model(), K = dispatch.k;
+    expect_shape(name, "y", y, dispatch.tokens, d);
+    cpu_kernels::parallel_for_blocks(dispatch.tokens, token_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t) {
+        T* out = y.row(t);
+        std::fill_n(out, d, T(0));
+        for (index_t j = 0; j < K; ++j)
+          if (const index_t s = dispatch.slot(t, j); s >= 0) {
+            const T g = dispatch.slot_gate[static_cast<std::size_t>(s)];
+            const T* v = values_.value.data() + dispatch.expert_of_slot(s) * d;
+            for (index_t c = 0; c < d; ++c) out[c] += g * v[c];
+          }
+      }
+    });
+  }
+
+  // d_gates(t, k) = <dy[t], values[e(t, k)]>;  values.grad[e] += Σ_{s of e} gate_s · dy[token(s)],
+  // each expert summing its slots in slot order;  dx = 0.
+  void backward_weighted(ConstMatrixView<T> x, const Dispatch<T>& dispatch, ConstMatrixView<T> dy,
+                         MatrixView<T> d_gates, MatrixView<T> dx) {
+    check(x, dispatch);
+    const index_t d = d_model(), K = dispatch.k;
+    expect_shape(name, "dy", dy, dispatch.tokens, d);
+    expect_shape(name, "d_gates", d_gates, dispatch.tokens, K);
+    expect_shape(name, "dx", dx, x.rows, d);
+    cpu_kernels::parallel_for_blocks(dispatch.tokens, token_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t)
+        for (index_t j = 0; j < K; ++j) {
+          const index_t s = dispatch.slot(t, j);
+          T dot = 0;
+          if (s >= 0) {
+            const T* v = values_.value.data() + dispatch.expert_of_slot(s) * d;
+            const T* g = dy.row(t);
+            for (index_t c = 0; c < d; ++c) dot += g[c] * v[c];
+          }
+          d_gates(t, j) = dot;
+        }
+    });
+    cpu_kernels::parallel_for_blocks(experts(), expert_block, [&](index_t first, index_t last) {
+      for (index_t e = first; e < last; ++e) {
+        T* g = values_.grad.data() + e * d;
+        for (index_t s = dispatch.expert_begin(e); s < dispatch.expert_end(e); ++s) {
+          const T gate = dispatch.slot_gate[static_cast<std::size_t>(s)];
+          const T* in = dy.row(dispatch.slot_token[static_cast<std::size_t>(s)]);
+          for (index_t c = 0; c < d; ++c) g[c] += gate * in[c];
+        }
+      }
+    });
+    for (index_t t = 0; t < dx.rows; ++t) std::fill_n(dx.row(t), d, T(0));
+  }
+
  private:
-  static constexpr index_t expert_block = 256;
+  static constexpr index_t expert_block = 256, token_block = 64;
 
   void check(ConstMatrixView<T> x, const Dispatch<T>& dispatch) const {
     expect_shape(name, "x", x, dispatch.tokens, d_model());

@@ -22,6 +22,7 @@
 #include "smoe/core/validate.hpp"
 #include "smoe/experts/experts.hpp"
 #include "smoe/layers/routing_stats.hpp"
+#include "smoe/layers/timing.hpp"
 #include "smoe/losses/balance_loss.hpp"
 #include "smoe/routing/capacity.hpp"
 #include "smoe/routing/routing.hpp"
@@ -68,6 +69,8 @@ class MoE {
   const Dispatch<T>& dispatch() const { return dispatch_; }
   // The router's ids with capacity-dropped assignments set to −1: what the experts computed.
   const Tensor<std::int32_t>& dispatched_experts() const { return dispatched_; }
+  // Per-stage wall times are added to *t from now on (null: off, the default; no cost when off).
+  void set_times(MoETimes* t) { times_ = t; }
 
   template <class F>
   void for_each_parameter(F&& f) {
@@ -97,15 +100,31 @@ class MoE {
     x_ = x;
     has_forward_ = true;
 
-    router_.forward(x_, routing_, mode);
+    {
+      const ScopedTimer timer = stage(&MoETimes::router_forward);
+      router_.forward(x_, routing_, mode);
+    }
     expect_shape(name, "router output experts", ConstMatrixView<std::int32_t>(routing_.experts.matrix()), tokens, K);
     expect_shape(name, "router output gates", ConstMatrixView<T>(routing_.gates.matrix()), tokens, K);
-    routing_.dropped = apply_capacity(capacity, E, routing_, dispatched_);
-    build_dispatch(std::as_const(dispatched_).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
-    ys_.resize({dispatch_.assignments(), d});
-    experts_.forward(x_, dispatch_, ys_.matrix());
-    combiner_.forward(dispatch_, ys_.matrix(), y);
+    {
+      const ScopedTimer timer = stage(&MoETimes::dispatch_forward);
+      routing_.dropped = apply_capacity(capacity, E, routing_, dispatched_);
+      build_dispatch(std::as_const(dispatched_).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
+    }
+    if constexpr (fused_combine) {
+      const ScopedTimer timer = stage(&MoETimes::experts_forward);
+      experts_.forward_weighted(x_, dispatch_, y);
+    } else {
+      ys_.resize({dispatch_.assignments(), d});
+      {
+        const ScopedTimer timer = stage(&MoETimes::experts_forward);
+        experts_.forward(x_, dispatch_, ys_.matrix());
+      }
+      const ScopedTimer timer = stage(&MoETimes::combine_forward);
+      combiner_.forward(dispatch_, ys_.matrix(), y);
+    }
 
+    const ScopedTimer timer = stage(&MoETimes::losses_forward);
     MoEOutput<T> out;
     std::apply([&](auto&... loss) { ((out.loss_values.push_back(loss.forward(routing_, E))), ...); }, losses_);
     std::size_t i = 0;
@@ -124,29 +143,48 @@ class MoE {
     expect_shape(name, "dy", dy, tokens, d);
     expect_shape(name, "dx", dx, tokens, d);
     if (validate_inputs) check_finite(name, "dy", dy);
-    dys_.resize({dispatch_.assignments(), d});
     d_gates_.resize({tokens, K});
     // [T, E] for routers with logits; [T, 0] for those without (hash, product keys): nothing flows there.
     d_logits_.resize({tokens, routing_.logits.rank() == 2 ? routing_.logits.dim(1) : 0});
     d_logits_.zero();
-    combiner_.backward(dispatch_, ys_.matrix(), dy, dys_.matrix(), d_gates_.matrix());
-    std::apply([&](auto&... loss) { (loss.backward(routing_, E, d_logits_.matrix(), d_gates_.matrix()), ...); },
-               losses_);
-    experts_.backward(x_, dispatch_, dys_.matrix(), dx);
+    if constexpr (fused_combine) {
+      const ScopedTimer timer = stage(&MoETimes::experts_backward);
+      experts_.backward_weighted(x_, dispatch_, dy, d_gates_.matrix(), dx);
+    } else {
+      const ScopedTimer timer = stage(&MoETimes::combine_backward);
+      dys_.resize({dispatch_.assignments(), d});
+      combiner_.backward(dispatch_, ys_.matrix(), dy, dys_.matrix(), d_gates_.matrix());
+    }
+    {
+      const ScopedTimer timer = stage(&MoETimes::losses_backward);
+      std::apply([&](auto&... loss) { (loss.backward(routing_, E, d_logits_.matrix(), d_gates_.matrix()), ...); },
+                 losses_);
+    }
+    if constexpr (!fused_combine) {
+      const ScopedTimer timer = stage(&MoETimes::experts_backward);
+      experts_.backward(x_, dispatch_, dys_.matrix(), dx);
+    }
+    const ScopedTimer timer = stage(&MoETimes::router_backward);
     router_.backward(x_, routing_, d_gates_.matrix(), d_logits_.matrix(), dx);
   }
 
  private:
+  ScopedTimer stage(double MoETimes::*slot) const { return ScopedTimer(times_ ? &(times_->*slot) : nullptr); }
+
+  // Experts that sum their own gated outputs (WeightedExperts) with the plain weighted sum.
+  static constexpr bool fused_combine = WeightedExperts<X> && std::is_same_v<C, WeightedSum<T>>;
+
   R router_;
   X experts_;
   C combiner_;
   std::tuple<Losses...> losses_;
   ConstMatrixView<T> x_;  // the forward input (not copied)
   bool has_forward_ = false;
+  MoETimes* times_ = nullptr;  // opt-in per-stage wall times (layers/timing.hpp)
   Routing<T> routing_;
   Tensor<std::int32_t> dispatched_;
   Dispatch<T> dispatch_;
-  Tensor<T> ys_;                         // per-slot expert outputs
+  Tensor<T> ys_;                         // per-slot expert outputs (unless fused_combine)
   Tensor<T> dys_, d_gates_, d_logits_;   // backward scratch
 };
 
