@@ -197,3 +197,42 @@ TEST_CASE("DenseMLP and Top-K MLP gradients match finite differences", "[dense]"
   CHECK(r.worst_error < 1e-7);
   test::require_input_gradient(x, dx, objective, 1e-7);
 }
+
+TEST_CASE("DenseMLP with a plain ReLU (fused into its first GEMM): reference and finite differences", "[dense]") {
+  const index_t d = 5, dff = 40, tokens = 7;
+  const bool bias = GENERATE(false, true);
+  DenseMLP<double, Relu> mlp({.d_model = d, .hidden = dff, .bias = bias});
+  mlp.for_each_parameter([seed = std::uint64_t(300)](std::string_view, auto& p) mutable { test::randomize(p.value, seed++, 0.6); });
+  auto x = test::random_matrix<double>(tokens, d, 19);
+  const auto c = test::random_matrix<double>(tokens, d, 20);
+  Tensor<double> y({tokens, d}), dx({tokens, d});
+  mlp.forward(x.matrix(), y.matrix());
+  std::vector<double> expected;
+  for (index_t t = 0; t < tokens; ++t) {
+    std::vector<double> h(dff);
+    for (index_t j = 0; j < dff; ++j) {
+      double a = bias ? mlp.b1().value[j] : 0.0;
+      for (index_t i = 0; i < d; ++i) a += x[t * d + i] * mlp.w1().value[i * dff + j];
+      h[j] = a > 0 ? a : 0;
+    }
+    for (index_t o = 0; o < d; ++o) {
+      double v = bias ? mlp.b2().value[o] : 0.0;
+      for (index_t j = 0; j < dff; ++j) v += h[j] * mlp.w2().value[j * d + o];
+      expected.push_back(v);
+    }
+  }
+  test::require_close(y, expected, 1e-12, 1e-12, "y");
+  auto objective = [&] {
+    mlp.forward(x.matrix(), y.matrix());
+    double s = 0;
+    for (index_t i = 0; i < y.size(); ++i) s += y[i] * c[i];
+    return s;
+  };
+  objective();
+  zero_grad(mlp);
+  mlp.backward(c.matrix(), dx.matrix());
+  const auto r = check_parameter_gradients(mlp, objective, 1e-6, 1000);
+  INFO(r.worst_parameter << "[" << r.worst_index << "]");
+  CHECK(r.worst_error < 1e-7);
+  test::require_input_gradient(x, dx, objective, 1e-7);
+}

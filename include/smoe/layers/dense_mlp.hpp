@@ -4,11 +4,13 @@
 // With `topk` > 0 it is sigma-MoE's Top-K-activation MLP (Csordás et al. 2023, Sec. 3.1): only the
 // K largest hidden activations of each token are kept (ties to the smaller unit index), the rest
 // are zeroed, which saves the second GEMM's work in principle but not the first.
-// Every product runs in fixed token blocks on the library's GEMM kernel (layers/detail/
-// blocked_gemm.hpp), so results are the same for any thread count. The forward keeps a copy of x.
+// Every product runs in fixed tiles on the library's GEMM kernel (layers/detail/blocked_gemm.hpp),
+// so results are the same for any thread count. Like MoE<>, it does not copy x: the memory passed
+// to forward must hold the same values until backward. A plain ReLU is fused into the first GEMM.
 #include <algorithm>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -84,17 +86,16 @@ class DenseMLP {
     expect_shape(name, "x", x, tokens, d);
     expect_shape(name, "y", y, tokens, d);
     if (validate_inputs) check_finite(name, "x", x);
-    x_.resize({tokens, d});
-    pre_.resize({tokens, Act::fan * G});
+    x_ = x;
+    has_forward_ = true;
+    if (!fused_relu()) pre_.resize({tokens, Act::fan * G});
     h_.resize({tokens, G});
     if (tokens == 0) return;
     if (K > 0) kept_.resize({tokens, K});
-    parallel_for_blocks(tokens, detail::gemm_block, [&](index_t first, index_t last) {
-      for (index_t t = first; t < last; ++t) std::copy_n(x.row(t), d, x_.data() + t * d);
-    });
-    detail::blocked_gemm_nn<T>(x_.matrix(), std::as_const(w1_.value).matrix(), pre_.matrix(),
-                               {.bias = config_.bias ? b1_.value.data() : nullptr});
-    parallel_for_blocks(tokens, detail::gemm_block, [&](index_t first, index_t last) {
+    // Plain ReLU: the GEMM stores max(pre, 0) straight into h (h > 0 exactly where pre > 0).
+    detail::blocked_gemm_nn<T>(x, std::as_const(w1_.value).matrix(), fused_relu() ? h_.matrix() : pre_.matrix(),
+                               {.bias = config_.bias ? b1_.value.data() : nullptr, .relu = fused_relu()});
+    if (!fused_relu()) parallel_for_blocks(tokens, row_block, [&](index_t first, index_t last) {
       std::vector<T> scratch(static_cast<std::size_t>(K));
       for (index_t t = first; t < last; ++t) {
         T* h = h_.data() + t * G;
@@ -108,8 +109,8 @@ class DenseMLP {
 
   void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
     using namespace cpu_kernels;
-    const index_t tokens = x_.rank() == 2 ? x_.dim(0) : -1, d = d_model(), G = hidden(), K = config_.topk;
-    if (tokens < 0) fail(name, ": backward called before forward");
+    const index_t tokens = x_.rows, d = d_model(), G = hidden(), K = config_.topk;
+    if (!has_forward_) fail(name, ": backward called before forward");
     expect_shape(name, "dy", dy, tokens, d);
     expect_shape(name, "dx", dx, tokens, d);
     if (validate_inputs) check_finite(name, "dy", dy);
@@ -119,21 +120,26 @@ class DenseMLP {
     detail::blocked_gemm_nt<T>(dy, std::as_const(w2_.value).matrix(), dh_.matrix(), weight_t_);
     detail::blocked_gemm_tn_add<T>(std::as_const(h_).matrix(), dy, w2_.grad.matrix());
     if (config_.bias) detail::add_column_sums<T>(dy, b2_.grad.data());
-    parallel_for_blocks(tokens, detail::gemm_block, [&](index_t first, index_t last) {
+    parallel_for_blocks(tokens, row_block, [&](index_t first, index_t last) {
       std::vector<T> scratch(static_cast<std::size_t>(K));
       for (index_t t = first; t < last; ++t) {
         T* dh = dh_.data() + t * G;
         if (K > 0) mask_to_kept(dh, kept_.data() + t * K, scratch.data());
-        Act::backward(pre_.data() + t * Act::fan * G, dh, dpre_.data() + t * Act::fan * G, G);
+        const T* pre = fused_relu() ? h_.data() + t * G : pre_.data() + t * Act::fan * G;
+        Act::backward(pre, dh, dpre_.data() + t * Act::fan * G, G);
       }
     });
     const ConstMatrixView<T> dpre = std::as_const(dpre_).matrix();
-    detail::blocked_gemm_tn_add<T>(std::as_const(x_).matrix(), dpre, w1_.grad.matrix());
+    detail::blocked_gemm_tn_add<T>(x_, dpre, w1_.grad.matrix());
     if (config_.bias) detail::add_column_sums<T>(dpre, b1_.grad.data());
     detail::blocked_gemm_nt<T>(dpre, std::as_const(w1_.value).matrix(), dx, weight_t_);
   }
 
  private:
+  static constexpr index_t row_block = 64;
+
+  bool fused_relu() const { return std::is_same_v<Act, Relu> && config_.topk == 0; }
+
   // Keeps the K largest entries of h (length G), zeroes the rest, records the kept units;
   // `values` is K scratch values.
   void keep_topk(T* h, std::int32_t* kept, T* values) const {
@@ -152,7 +158,9 @@ class DenseMLP {
 
   DenseMLPConfig config_;
   Parameter<T> w1_, w2_, b1_, b2_;
-  Tensor<T> x_, pre_, h_;  // forward cache
+  ConstMatrixView<T> x_;  // the forward input (not copied: it must hold its values until backward)
+  bool has_forward_ = false;
+  Tensor<T> pre_, h_;     // forward cache (pre only when the activation is not a fused ReLU)
   Tensor<std::int32_t> kept_;
   Tensor<T> dh_, dpre_;
   Tensor<T> weight_t_;  // backward: a transposed weight for dh = dy·W2ᵀ, dx = dpre·W1ᵀ
