@@ -4,9 +4,8 @@
 //   optional biases "b1" [E, fan·G] and "b2" [E, d].
 // CPU computation is the grouped GEMM of cpu/grouped_ffn.hpp: each expert gathers its tokens into
 // a per-thread block that stays in L2, runs two GEMMs, and the combiner sums the per-slot outputs.
-// Backward gathers the block again from x, so it must get the x of the forward (the MoE layer
-// passes its own copy). For ReLU the forward keeps only h (h > 0 exactly where pre > 0); other
-// activations also keep pre.
+// Backward gathers the block again from x, so it must get the x of the forward, unchanged. For
+// ReLU the forward keeps only h (h > 0 exactly where pre > 0); other activations also keep pre.
 #include <string_view>
 #include <vector>
 
