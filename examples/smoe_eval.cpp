@@ -25,6 +25,9 @@
 //       given the gradients of sum(y ⊙ dy) + aux_loss: grad.x and grad.<name> of every parameter.
 // A bad spec, a missing, unexpected or mis-shaped tensor or a wrong dtype prints one line to stderr
 // and exits with status 1.
+// With "layers": L in the SPEC it runs a stack of L layers over an expert pool instead ("pool":
+// per_layer | tied | samoe_weight | samoe_output, "residual_expert_size", "shared_experts", ...;
+// tensors layers.{l}.router.weight, pool.w1, layers.{l}.combine, ...): smoe_eval_stack.hpp.
 #include <smoe/experts/value_experts.hpp>
 #include <smoe/io/safetensors.hpp>
 #include <smoe/routing/base_router.hpp>
@@ -54,15 +57,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "smoe_eval_common.hpp"
+#include "smoe_eval_stack.hpp"
+
 namespace {
 
-using smoe::fail;
-using smoe::index_t;
-using json = nlohmann::json;
+using namespace smoe_eval;
 
 enum class RouterKind { softmax_topk, sigmoid_topk, noisy_topk, sbase, base, expert_choice, hash, group_topk, pkm };
-enum class ActivationKind { relu, gelu, swiglu };
-enum class ScalarKind { float32, float64 };
 
 constexpr std::pair<std::string_view, RouterKind> router_names[] = {
     {"softmax_topk", RouterKind::softmax_topk},
@@ -104,44 +106,8 @@ struct Spec {
 constexpr const char* usage =
     "usage: smoe_eval SPEC.json IN.safetensors OUT.safetensors\n"
     "  runs one MoE layer (forward, and backward when IN holds dy) and writes y, aux_loss,\n"
-    "  expert_counts, routing.* and the gradients grad.* to OUT; see the header of examples/smoe_eval.cpp\n";
-
-// Parses the SPEC file; duplicate keys are an error because JSON parsers silently keep one of them.
-json read_spec_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail("SPEC: cannot open '", path, "'");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::set<std::string>> open;
-  std::string duplicate;
-  const json::parser_callback_t track = [&](int, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) open.emplace_back();
-    if (event == json::parse_event_t::object_end) open.pop_back();
-    if (event == json::parse_event_t::key && !open.empty() && !open.back().insert(parsed.get<std::string>()).second &&
-        duplicate.empty())
-      duplicate = parsed.get<std::string>();
-    return true;
-  };
-  json spec;
-  try {
-    spec = json::parse(text, track);
-  } catch (const json::parse_error& e) {
-    fail("SPEC '", path, "' is not valid JSON: ", e.what());
-  }
-  if (!duplicate.empty()) fail("SPEC: key \"", duplicate, "\" appears more than once");
-  return spec;
-}
-
-void expect_known_keys(const json& object, const char* what, std::initializer_list<std::string_view> known) {
-  for (const auto& [key, value] : object.items()) {
-    bool found = false;
-    for (auto k : known) found = found || k == key;
-    if (!found) {
-      std::string list;
-      for (auto k : known) list += (list.empty() ? "" : ", ") + std::string(k);
-      fail(what, ": unknown key \"", key, "\" (known keys: ", list, ")");
-    }
-  }
-}
+    "  expert_counts, routing.* and the gradients grad.* to OUT; see the header of examples/smoe_eval.cpp\n"
+    "  (\"layers\": L in the SPEC: a stack of L layers over an expert pool, docs/smoe_eval.md)\n";
 
 // Keys that only some routers read: present with another router, they are an error (never ignored).
 struct RouterOnlyKey {
@@ -173,61 +139,6 @@ void expect_applicable_keys(const json& j, RouterKind router) {
     for (RouterKind r : rule.routers) list += (list.empty() ? "\"" : ", \"") + std::string(name_of(r)) + "\"";
     fail("SPEC: \"", rule.key, "\" does not apply to router \"", name_of(router), "\" (it applies to ", list, ")");
   }
-}
-
-std::int64_t integer(const json& spec, const char* key) {
-  const json& v = spec[key];
-  if (!v.is_number_integer()) fail("SPEC: \"", key, "\" must be an integer, got ", v.dump());
-  return v.get<std::int64_t>();
-}
-
-index_t positive_int(const json& spec, const char* key) {
-  if (!spec.contains(key)) fail("SPEC: missing required key \"", key, "\"");
-  const auto n = integer(spec, key);
-  if (n < 1) fail("SPEC: \"", key, "\" must be >= 1, got ", n);
-  return n;
-}
-
-index_t optional_int(const json& spec, const char* key, index_t fallback, index_t minimum) {
-  if (!spec.contains(key)) return fallback;
-  const auto n = integer(spec, key);
-  if (n < minimum) fail("SPEC: \"", key, "\" must be >= ", minimum, ", got ", n);
-  return n;
-}
-
-double optional_number(const json& spec, const char* key, double fallback) {
-  if (!spec.contains(key)) return fallback;
-  const json& v = spec[key];
-  if (!v.is_number() || !std::isfinite(v.get<double>()))
-    fail("SPEC: \"", key, "\" must be a finite number, got ", v.dump());
-  return v.get<double>();
-}
-
-bool optional_bool(const json& spec, const char* key) {
-  if (!spec.contains(key)) return false;
-  const json& v = spec[key];
-  if (!v.is_boolean()) fail("SPEC: \"", key, "\" must be true or false, got ", v.dump());
-  return v.get<bool>();
-}
-
-template <class Enum, std::size_t N>
-Enum choice(const json& spec, const char* key, const std::pair<std::string_view, Enum> (&choices)[N],
-            const char* default_name = nullptr) {
-  std::string name;
-  if (spec.contains(key)) {
-    if (!spec[key].is_string()) fail("SPEC: \"", key, "\" must be a string, got ", spec[key].dump());
-    name = spec[key].get<std::string>();
-  } else if (default_name != nullptr) {
-    name = default_name;
-  } else {
-    fail("SPEC: missing required key \"", key, "\"");
-  }
-  std::string list;
-  for (const auto& [n, e] : choices) {
-    if (n == name) return e;
-    list += (list.empty() ? "\"" : ", \"") + std::string(n) + "\"";
-  }
-  fail("SPEC: \"", key, "\" must be one of ", list, ", got \"", name, "\"");
 }
 
 Spec parse_spec(const json& j) {
@@ -295,26 +206,11 @@ Spec parse_spec(const json& j) {
                                                                {"train", smoe::Mode::train}};
   s.mode = choice<smoe::Mode>(j, "mode", modes, "eval");
 
-  if (j.contains("coef")) {
-    const json& c = j["coef"];
-    if (!c.is_object()) fail("SPEC: \"coef\" must be an object, got ", c.dump());
-    expect_known_keys(c, "SPEC \"coef\"", {"switch", "z", "entropy", "importance"});
-    const auto coefficient = [&](const char* key) {
-      if (!c.contains(key)) return 0.0;
-      const json& v = c[key];
-      if (!v.is_number() || !std::isfinite(v.get<double>()))
-        fail("SPEC: \"coef\".\"", key, "\" must be a finite number, got ", v.dump());
-      const double value = v.get<double>();
-      if (value != 0.0 && (r == RouterKind::hash || r == RouterKind::pkm) && std::string_view(key) != "importance")
-        fail("SPEC: \"coef\".\"", key, "\" needs router logits, which ", router,
-             " does not have (only \"importance\" applies)");
-      return value;
-    };
-    s.coef_switch = coefficient("switch");
-    s.coef_z = coefficient("z");
-    s.coef_entropy = coefficient("entropy");
-    s.coef_importance = coefficient("importance");
-  }
+  const Coefficients coef = parse_coefficients(j, r != RouterKind::hash && r != RouterKind::pkm, router);
+  s.coef_switch = coef.switch_balance;
+  s.coef_z = coef.z;
+  s.coef_entropy = coef.entropy;
+  s.coef_importance = coef.importance;
 
   if (r == RouterKind::expert_choice) {
     s.capacity_factor = optional_number(j, "capacity_factor", 2.0);
@@ -429,35 +325,6 @@ void with_layer(const Spec& s, F&& f) {
   });
 }
 
-std::string format_shape(const std::vector<index_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-template <class T>
-void check_finite(const smoe::io::SafetensorsFile& in, const std::string& name, const smoe::Tensor<T>& t) {
-  for (index_t i = 0; i < t.size(); ++i)
-    if (!std::isfinite(t[i]))
-      fail(in.source(), ": tensor '", name, "' flat element ", i, " is not finite (", t[i], ")");
-}
-
-// Reads `name` as T; its dtype must be T's and, where `shape` is given, its shape must equal it.
-template <class T>
-smoe::Tensor<T> load(const smoe::io::SafetensorsFile& in, const std::string& name, const std::vector<index_t>& shape,
-                     const char* dtype_note = " (the SPEC dtype)") {
-  constexpr auto want = smoe::io::dtype_of<T>::value;
-  if (!in.contains(name)) fail(in.source(), ": missing tensor '", name, "' (", want, " ", format_shape(shape), ")");
-  const auto& info = in.info(name);
-  if (info.dtype != want)
-    fail(in.source(), ": tensor '", name, "' dtype must be ", want, dtype_note, ", got ", info.dtype);
-  if (info.shape != shape)
-    fail(in.source(), ": tensor '", name, "' shape must be ", format_shape(shape), ", got ", format_shape(info.shape));
-  auto t = in.read<T>(name);
-  if constexpr (std::is_floating_point_v<T>) check_finite(in, name, t);
-  return t;
-}
-
 template <class Layer>
 smoe::io::SafetensorsWriter evaluate(Layer& layer, const Spec& spec, const smoe::io::SafetensorsFile& in) {
   using T = typename Layer::scalar_type;
@@ -536,7 +403,13 @@ smoe::io::SafetensorsWriter evaluate(Layer& layer, const Spec& spec, const smoe:
 }
 
 void run(const std::string& spec_path, const std::string& in_path, const std::string& out_path) {
-  const Spec spec = parse_spec(read_spec_file(spec_path));
+  const json j = read_spec_file(spec_path);
+  if (is_stack_spec(j)) {
+    run_stack(j, in_path, out_path);  // "layers": the multi-layer mode (smoe_eval_stack.hpp)
+    return;
+  }
+  reject_stack_keys(j);
+  const Spec spec = parse_spec(j);
   const auto in = smoe::io::SafetensorsFile::load(in_path);
   with_scalar(spec.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -148,8 +148,9 @@ def expert_outputs(spec, t, ids):
     return out[safe, token]
 
 
-def forward(spec, t):
-    """(y, aux_loss, routing outputs, losses) from spec and float64 tensors t (name -> torch tensor)."""
+def forward(spec, t, outputs=expert_outputs):
+    """(y, aux_loss, routing outputs, losses) from spec and float64 tensors t (name -> torch tensor).
+    outputs(spec, t, kept) -> [T, K, d] gives the expert outputs (ref_stack.py passes its pools')."""
     E = n_experts(spec)
     coef = {"switch": 0.0, "z": 0.0, "entropy": 0.0, "importance": 0.0, **spec.get("coef", {})}
     x = t["x"]
@@ -157,7 +158,7 @@ def forward(spec, t):
     ids, gates, s, router_aux = route(spec, t)
     kept = apply_capacity(spec, ids, E)
     live = (kept >= 0).to(gates.dtype)
-    y = ((gates * live)[..., None] * expert_outputs(spec, t, kept)).sum(dim=1)
+    y = ((gates * live)[..., None] * outputs(spec, t, kept)).sum(dim=1)
 
     zero = x.sum() * 0.0
     losses = {}

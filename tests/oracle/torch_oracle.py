@@ -18,6 +18,12 @@ ReLU pre-activation or PKM ReLU gate), so the two sides cannot legitimately pick
 of a piecewise function; the tie cases use exactly representable inputs instead and check the tie
 rules. Bad specs and inputs must exit with status 1 and a message naming the culprit. Exit code 77
 (a ctest skip) when torch is not importable.
+
+The multi-layer mode ("layers": stacks over expert pools) is compared with ref_stack.py the same
+way (every output, every layer's routing, every gradient; the kinks of every layer, the top-r member
+selection included, are kept away from), and two identities are checked through the tool alone: a
+one-layer per_layer stack is x plus the single-layer mode's output, and a tied stack is the SaMoE
+stack of the same set as its one member, bitwise but for the pool's gradient.
 """
 import argparse
 import json
@@ -40,6 +46,7 @@ import ref_expert_choice  # noqa: E402
 import ref_noisy_topk  # noqa: E402
 import ref_pkm  # noqa: E402
 import ref_sbase  # noqa: E402
+import ref_stack  # noqa: E402
 import safetensors_lite  # noqa: E402
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
@@ -231,7 +238,10 @@ def run_eval(smoe_eval, workdir, name, spec, inputs, spec_text=None):
         safetensors_lite.save(in_path, inputs)
     if os.path.exists(out_path):
         os.remove(out_path)
-    proc = subprocess.run([smoe_eval, spec_path, in_path, out_path], capture_output=True, text=True)
+    # Passive OpenMP waiting: the runs are tiny, and spinning threads on a busy machine (ctest -j, CI)
+    # make them many times slower; the results do not depend on it (fixed work blocks).
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
+    proc = subprocess.run([smoe_eval, spec_path, in_path, out_path], capture_output=True, text=True, env=env)
     return proc, out_path
 
 
@@ -253,6 +263,42 @@ def coverage_failures(case, inputs, want):
     return failures
 
 
+def integer_dtype(key):
+    """The dtype of an integer output (a single-layer name, or one prefixed "layers.{l}."), else None."""
+    for suffix, dtype in INTEGER_OUTPUTS.items():
+        if key == suffix or key.endswith("." + suffix):
+            return dtype
+    return None
+
+
+def compare_outputs(name, dtype, got, metadata, want, note=""):
+    """(failures, errors): OUT `got` against the reference `want`, name by name."""
+    failures, errors = [], {}
+    if set(got) != set(want):
+        failures.append(f"{name}: OUT names {sorted(got)}, expected {sorted(want)} (differing: "
+                        f"{sorted(set(got) ^ set(want))})")
+    if metadata.get("producer") != "smoe_eval":
+        failures.append(f"{name}: OUT metadata {metadata}, expected producer smoe_eval")
+    for key in sorted(set(got) & set(want)):
+        a, b = got[key], want[key]
+        integer = integer_dtype(key)
+        expected_dtype = integer or NUMPY[dtype]
+        if a.dtype != expected_dtype or a.shape != b.shape:
+            failures.append(f"{name}: {key} is {a.dtype}{list(a.shape)}, expected "
+                            f"{np.dtype(expected_dtype)}{list(b.shape)}")
+            continue
+        if integer:
+            if not np.array_equal(a, b):
+                failures.append(f"{name}: {key} {a.tolist()}, expected {b.tolist()}")
+            continue
+        errors[key] = relative_error(a, b)
+        if not errors[key] <= TOLERANCE[dtype]:
+            i = np.unravel_index(np.argmax(np.abs(a.astype(np.float64) - b)), b.shape) if b.ndim else ()
+            failures.append(f"{name}: {key} err {errors[key]:.3e} > {TOLERANCE[dtype]:.0e}; worst at {list(i)}: "
+                            f"smoe {float(a[i])!r}, torch {float(b[i])!r}{note}")
+    return failures, errors
+
+
 def check_case(smoe_eval, workdir, case):
     name, spec = case["name"], case["spec"]
     dtype = spec.get("dtype", "float32")
@@ -264,28 +310,9 @@ def check_case(smoe_eval, workdir, case):
         return [f"{name}: smoe_eval exited {proc.returncode}: {proc.stderr.strip()}"], {}
     got, metadata = safetensors_lite.load(out_path)
     want, losses = moe_reference.evaluate(spec, {k: v if k == "ids" else v.astype(np.float64) for k, v in inputs.items()})
-    failures, errors = [], {}
-    failures += coverage_failures(case, inputs, want)
-    if set(got) != set(want):
-        failures.append(f"{name}: OUT names {sorted(got)}, expected {sorted(want)}")
-    if metadata.get("producer") != "smoe_eval":
-        failures.append(f"{name}: OUT metadata {metadata}, expected producer smoe_eval")
-    for key in sorted(set(got) & set(want)):
-        a, b = got[key], want[key]
-        expected_dtype = INTEGER_OUTPUTS.get(key, NUMPY[dtype])
-        if a.dtype != expected_dtype or a.shape != b.shape:
-            failures.append(f"{name}: {key} is {a.dtype}{list(a.shape)}, expected "
-                            f"{np.dtype(expected_dtype)}{list(b.shape)}")
-            continue
-        if key in INTEGER_OUTPUTS:
-            if not np.array_equal(a, b):
-                failures.append(f"{name}: {key} {a.tolist()}, expected {b.tolist()}")
-            continue
-        errors[key] = relative_error(a, b)
-        if not errors[key] <= TOLERANCE[dtype]:
-            i = np.unravel_index(np.argmax(np.abs(a.astype(np.float64) - b)), b.shape) if b.ndim else ()
-            failures.append(f"{name}: {key} err {errors[key]:.3e} > {TOLERANCE[dtype]:.0e}; worst at {list(i)}: "
-                            f"smoe {float(a[i])!r}, torch {float(b[i])!r} (losses {losses})")
+    failures = coverage_failures(case, inputs, want)
+    compare_failures, errors = compare_outputs(name, dtype, got, metadata, want, f" (losses {losses})")
+    failures += compare_failures
     return failures, errors
 
 
@@ -647,6 +674,362 @@ def check_errors(smoe_eval, workdir):
     return failures
 
 
+# ---------------------------------------------------------------------------------------------
+# Multi-layer mode ("layers"): stacks over expert pools against ref_stack.py.
+
+def stack_scale(name, shape, d):
+    """Standard deviation of a random stack parameter."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("weight", "w1", "mix"):
+        return 1 / np.sqrt(d)
+    if leaf == "w2":
+        return 1 / np.sqrt(shape[-2])
+    if leaf in ("b1", "b2"):
+        return 0.1
+    return 1.0  # combine (a_l), mix_bias
+
+
+def make_stack_inputs(spec, tokens, seed, with_dy=True, member_ties=False):
+    """Random IN tensors for a stack spec, rounded to its dtype, redrawn until no kink is close.
+
+    member_ties: every a_l has exact ties (three members at 0.5, one at -0.5), so the top-r
+    selection must break them toward the smaller index."""
+    dtype = spec.get("dtype", "float32")
+    d = spec["d_model"]
+    for attempt in range(200):
+        rng = np.random.default_rng(seed + 7919 * attempt)
+        t = {"x": rng.normal(size=(tokens, d))}
+        for name, shape in ref_stack.parameter_shapes(spec).items():
+            t[name] = rng.normal(scale=stack_scale(name, shape, d), size=shape)
+            if member_ties and name.endswith(".combine"):
+                t[name] = np.full(shape, 0.5)
+                t[name][rng.integers(shape[0])] = -0.5
+        if with_dy:
+            t["dy"] = rng.normal(size=(tokens, d))
+        t = {k: v.astype(NUMPY[dtype]) for k, v in t.items()}
+        gaps = ref_stack.gaps_only(spec, {k: v.astype(np.float64) for k, v in t.items()})
+        if all(g >= MARGIN[dtype] for kind, g in gaps if not (member_ties and kind == "members")):
+            return t
+    raise RuntimeError(f"no input draw for {spec} stays away from the kinks")
+
+
+def check_stack_case(smoe_eval, workdir, case):
+    name, spec = case["name"], case["spec"]
+    dtype = spec.get("dtype", "float32")
+    inputs = make_stack_inputs(spec, case["tokens"], case["seed"], with_dy=case.get("dy", True),
+                               member_ties=case.get("member_ties", False))
+    proc, out_path = run_eval(smoe_eval, workdir, name, spec, inputs)
+    if proc.returncode != 0:
+        return [f"{name}: smoe_eval exited {proc.returncode}: {proc.stderr.strip()}"], {}
+    got, metadata = safetensors_lite.load(out_path)
+    want, _ = ref_stack.evaluate(spec, {k: v.astype(np.float64) for k, v in inputs.items()})
+    failures = []
+    if "drops" in case:
+        drops = any(bool((v < 0).any()) for k, v in want.items() if k.endswith("routing.experts"))
+        if drops != case["drops"]:
+            failures.append(f"{name}: the reference {'drops no' if case['drops'] else 'drops an'} assignment; "
+                            f"the case does not test what it claims")
+    compare_failures, errors = compare_outputs(name, dtype, got, metadata, want)
+    return failures + compare_failures, errors
+
+
+def stack_spec(pool, router, activation, L, E=4, K=2, d=6, G=4, M=None, top=None, tau=None, residual=0,
+               mix_bias=None, shared=0, bias=False, dtype="float64", seed=0, coef=True, **options):
+    s = {"layers": L, "pool": pool, "d_model": d, "n_experts": E, "expert_size": G, "k": K, "router": router,
+         "activation": activation, "bias": bias, "dtype": dtype}
+    for key, value in (("pool_members", M), ("pool_top_members", top), ("temperature", tau),
+                       ("residual_mix_bias", mix_bias)):
+        if value is not None:
+            s[key] = value
+    if residual:
+        s["residual_expert_size"] = residual
+    if shared:
+        s["shared_experts"] = shared
+    if coef:
+        rng = np.random.default_rng(2000 + seed)
+        s["coef"] = {name: float(rng.uniform(0.05, 0.8)) for name in ("switch", "z", "entropy", "importance")}
+    s.update(options)
+    return s
+
+
+def stack_cases():
+    """Every pool × routers and activations, residual and shared experts on and off, L ∈ {1, 3},
+    M ∈ {1, 2, 4}, top-r members, τ ≠ 1, capacity, T = 0, forward only, member ties, float32."""
+    S, f32 = stack_spec, "float32"
+    return [
+        dict(name="stack_per_layer_L1_softmax_relu", spec=S("per_layer", "softmax_topk", "relu", 1, seed=1), tokens=12,
+             seed=201),
+        dict(name="stack_per_layer_L3_sigmoid_gelu_bias", spec=S("per_layer", "sigmoid_topk", "gelu", 3, bias=True,
+                                                                 seed=2), tokens=12, seed=202),
+        dict(name="stack_per_layer_L3_renorm_swiglu_res_shared",
+             spec=S("per_layer", "softmax_topk", "swiglu", 3, residual=3, shared=1, seed=3, renormalize=True),
+             tokens=10, seed=203),
+        dict(name="stack_per_layer_L3_train_default_pool",
+             spec={k: v for k, v in S("per_layer", "sigmoid_topk", "relu", 3, seed=4, mode="train").items()
+                   if k != "pool"}, tokens=10, seed=204),
+        dict(name="stack_tied_L3_softmax_relu_shared2", spec=S("tied", "softmax_topk", "relu", 3, shared=2, seed=5),
+             tokens=12, seed=205),
+        dict(name="stack_tied_L3_sigmoid_swiglu_bias_res_mixb",
+             spec=S("tied", "sigmoid_topk", "swiglu", 3, residual=5, mix_bias=True, bias=True, seed=6), tokens=12,
+             seed=206),
+        dict(name="stack_tied_L1_gelu_res", spec=S("tied", "softmax_topk", "gelu", 1, residual=2, mix_bias=False,
+                                                   seed=7), tokens=9, seed=207),
+        dict(name="stack_tied_L3_forward_only", spec=S("tied", "softmax_topk", "gelu", 3, residual=2, shared=1,
+                                                       seed=8), tokens=8, seed=208, dy=False),
+        dict(name="stack_weight_M1_L3_softmax_gelu", spec=S("samoe_weight", "softmax_topk", "gelu", 3, M=1, seed=9),
+             tokens=12, seed=209),
+        dict(name="stack_weight_M2_L3_sigmoid_relu_bias_tau",
+             spec=S("samoe_weight", "sigmoid_topk", "relu", 3, M=2, tau=0.5, bias=True, seed=10), tokens=12, seed=210),
+        dict(name="stack_weight_M4_L3_swiglu_top2_res_shared",
+             spec=S("samoe_weight", "softmax_topk", "swiglu", 3, M=4, top=2, residual=3, shared=1, seed=11),
+             tokens=10, seed=211),
+        dict(name="stack_weight_M4_L1_renorm_gelu_top1",
+             spec=S("samoe_weight", "softmax_topk", "gelu", 1, M=4, top=1, seed=12, renormalize=True), tokens=10,
+             seed=212),
+        dict(name="stack_weight_M2_L3_capacity", spec=S("samoe_weight", "softmax_topk", "gelu", 3, M=2, seed=13,
+                                                        capacity_factor=0.5), tokens=12, seed=213, drops=True),
+        dict(name="stack_weight_M4_top2_member_ties",
+             spec=S("samoe_weight", "sigmoid_topk", "gelu", 3, M=4, top=2, residual=2, seed=14), tokens=8, seed=214,
+             member_ties=True),
+        dict(name="stack_output_M1_L1_sigmoid_relu", spec=S("samoe_output", "sigmoid_topk", "relu", 1, M=1, seed=15),
+             tokens=12, seed=215),
+        dict(name="stack_output_M2_L3_swiglu_bias_shared2_tau",
+             spec=S("samoe_output", "softmax_topk", "swiglu", 3, M=2, tau=2.0, bias=True, shared=2, seed=16),
+             tokens=10, seed=216),
+        dict(name="stack_output_M4_L3_sigmoid_gelu_top3_res",
+             spec=S("samoe_output", "sigmoid_topk", "gelu", 3, M=4, top=3, residual=4, seed=17), tokens=10, seed=217),
+        dict(name="stack_output_M4_L3_relu_all_parts",
+             spec=S("samoe_output", "softmax_topk", "relu", 3, M=4, top=0, residual=3, mix_bias=True, shared=1,
+                    bias=True, seed=18), tokens=10, seed=218),
+        dict(name="stack_output_M4_top1_member_ties", spec=S("samoe_output", "softmax_topk", "swiglu", 3, M=4, top=1,
+                                                              shared=1, seed=19), tokens=8, seed=219, member_ties=True),
+        dict(name="stack_output_M2_L3_capacity_K1", spec=S("samoe_output", "sigmoid_topk", "gelu", 3, K=1, M=2,
+                                                            seed=20, capacity_factor=0.75), tokens=12, seed=220,
+             drops=True),
+        dict(name="stack_output_M2_L3_T0", spec=S("samoe_output", "softmax_topk", "gelu", 3, M=2, residual=2,
+                                                  shared=1, bias=True, seed=21), tokens=0, seed=221),
+        dict(name="stack_per_layer_L3_T0_no_coef", spec=S("per_layer", "sigmoid_topk", "swiglu", 3, coef=False,
+                                                          seed=22), tokens=0, seed=222),
+        dict(name="stack_K_eq_E_tied_L3", spec=S("tied", "sigmoid_topk", "gelu", 3, E=3, K=3, residual=2, seed=23),
+             tokens=7, seed=223),
+        # More slots than one block (64 slots; materialization blocks of 16384 elements: w1 of one
+        # member has 8·24·96 = 18432).
+        dict(name="stack_wide_weight_M2_L2_T150",
+             spec=S("samoe_weight", "softmax_topk", "gelu", 2, E=8, K=2, d=24, G=96, M=2, residual=16, shared=1,
+                    bias=True, seed=24), tokens=150, seed=224),
+        dict(name="stack_wide_output_M3_L3_T130",
+             spec=S("samoe_output", "sigmoid_topk", "swiglu", 3, E=8, K=2, d=12, G=8, M=3, top=2, residual=6,
+                    seed=25), tokens=130, seed=225),
+        dict(name="float32_stack_per_layer_swiglu_res_shared",
+             spec=S("per_layer", "softmax_topk", "swiglu", 3, residual=3, shared=1, bias=True, dtype=f32, seed=26),
+             tokens=16, seed=226),
+        dict(name="float32_stack_tied_gelu_bias", spec=S("tied", "sigmoid_topk", "gelu", 3, bias=True, dtype=f32,
+                                                          seed=27), tokens=16, seed=227),
+        dict(name="float32_stack_weight_M4_top2_relu",
+             spec=S("samoe_weight", "sigmoid_topk", "relu", 3, M=4, top=2, tau=0.7, dtype=f32, seed=28), tokens=16,
+             seed=228),
+        dict(name="float32_stack_output_M2_res_shared_gelu",
+             spec=S("samoe_output", "softmax_topk", "gelu", 3, M=2, residual=3, mix_bias=True, shared=2, bias=True,
+                    dtype=f32, seed=29), tokens=16, seed=229),
+    ]
+
+
+def check_one_layer_stack(smoe_eval, workdir):
+    """Through the tool: "layers": 1 with pool per_layer is x plus the single-layer mode's layer,
+    bitwise (y = x + y_single, grad.x = dy + grad.x_single, the same routing and gradients)."""
+    spec = stack_spec("per_layer", "sigmoid_topk", "swiglu", 1, bias=True, dtype="float32", seed=31,
+                      capacity_factor=0.75)
+    inputs = make_stack_inputs(spec, 12, 310)
+    single_spec = {k: v for k, v in spec.items() if k not in ("layers", "pool")}
+    single_inputs = {k[len("layers.0."):] if k.startswith("layers.0.") else k: v for k, v in inputs.items()}
+    outs = []
+    for name, sp, t in (("one_layer_stack", spec, inputs), ("one_layer_single", single_spec, single_inputs)):
+        proc, out_path = run_eval(smoe_eval, workdir, name, sp, t)
+        if proc.returncode != 0:
+            return [f"{name}: smoe_eval exited {proc.returncode}: {proc.stderr.strip()}"]
+        outs.append(safetensors_lite.load(out_path)[0])
+    stack, single = outs
+    expected = {"y": inputs["x"] + single["y"], "grad.x": inputs["dy"] + single["grad.x"],
+                "aux_loss": single["aux_loss"], "layers.0.aux_loss": single["aux_loss"]}
+    for k, v in single.items():
+        if k not in expected and k not in ("y", "grad.x", "aux_loss"):
+            expected["grad.layers.0." + k[len("grad."):] if k.startswith("grad.") else "layers.0." + k] = v
+    failures = []
+    if set(stack) != set(expected):
+        failures.append(f"one-layer stack: OUT names differ: {sorted(set(stack) ^ set(expected))}")
+    for k in sorted(set(stack) & set(expected)):
+        if stack[k].dtype != expected[k].dtype or stack[k].tobytes() != expected[k].tobytes():
+            failures.append(f"one-layer stack: {k} is not bitwise x + the single layer's")
+    if not (single["routing.experts"] < 0).any():
+        failures.append("one-layer stack: no capacity drop; the check does not cover the capacity policy")
+    print(f"  {'ok ' if not failures else 'BAD'} one-layer per_layer stack = x + single-layer mode (bitwise)")
+    return failures
+
+
+def check_tied_equals_samoe(smoe_eval, workdir):
+    """Through the tool: a tied stack equals the SaMoE stack of the same set as its one pool member
+    (α = 1), in both spaces. Bitwise: y, grad.x, every layer's outputs and gradients; the pool's
+    gradient sums the layers in another order, so it is compared to relative 1e-13; ∂/∂a_l = 0."""
+    spec = stack_spec("tied", "softmax_topk", "gelu", 3, residual=3, shared=1, bias=True, seed=30)
+    inputs = make_stack_inputs(spec, 12, 300)
+    proc, out_path = run_eval(smoe_eval, workdir, "tied_vs_samoe_tied", spec, inputs)
+    if proc.returncode != 0:
+        return [f"tied_vs_samoe: smoe_eval exited {proc.returncode}: {proc.stderr.strip()}"]
+    tied, _ = safetensors_lite.load(out_path)
+    failures = []
+    for pool in ref_stack.SAMOE:
+        samoe_spec = {**spec, "pool": pool, "pool_members": 1}
+        t = {}
+        for k, v in inputs.items():
+            t[("pool." + k[len("experts."):]) if k.startswith("experts.") else k] = v[None] if k.startswith("experts.") else v
+        for l in range(3):
+            t[f"layers.{l}.combine"] = np.array([0.75 - l])
+        proc, out_path = run_eval(smoe_eval, workdir, f"tied_vs_samoe_{pool}", samoe_spec, t)
+        if proc.returncode != 0:
+            failures.append(f"tied_vs_samoe {pool}: smoe_eval exited {proc.returncode}: {proc.stderr.strip()}")
+            continue
+        got, _ = safetensors_lite.load(out_path)
+        names = set()
+        for key, a in tied.items():
+            if key.startswith("grad.experts."):
+                other = "grad.pool." + key[len("grad.experts."):]
+                names.add(other)
+                if other not in got or got[other].shape != (1, *a.shape) or relative_error(got[other][0], a) > 1e-13:
+                    failures.append(f"tied_vs_samoe {pool}: {other} differs from {key}")
+            else:
+                names.add(key)
+                if key not in got or got[key].dtype != a.dtype or got[key].tobytes() != a.tobytes():
+                    failures.append(f"tied_vs_samoe {pool}: {key} is not bitwise the tied stack's")
+        for l in range(3):
+            alpha, grad = f"layers.{l}.combine_coefficients", f"grad.layers.{l}.combine"
+            names |= {alpha, grad}
+            if alpha not in got or got[alpha].tolist() != [1.0]:
+                failures.append(f"tied_vs_samoe {pool}: {alpha} is {got.get(alpha)}, expected [1.0]")
+            if grad not in got or got[grad].tolist() != [0.0]:
+                failures.append(f"tied_vs_samoe {pool}: {grad} is {got.get(grad)}, expected [0.0] exactly")
+        if set(got) != names:
+            failures.append(f"tied_vs_samoe {pool}: OUT names {sorted(set(got) ^ names)} differ")
+        print(f"  {'ok ' if not failures else 'BAD'} tied stack = {pool} stack with one member")
+    return failures
+
+
+def check_stack_errors(smoe_eval, workdir):
+    """Bad multi-layer specs and inputs: exit status 1, a message naming the culprit, no OUT."""
+    plain = {"layers": 2, "d_model": 4, "n_experts": 3, "expert_size": 2, "k": 2, "router": "softmax_topk",
+             "activation": "relu", "dtype": "float64"}  # pool per_layer by default
+    tied = {**plain, "pool": "tied"}
+    base = {**plain, "pool": "samoe_weight", "pool_members": 2, "residual_expert_size": 2, "shared_experts": 1}
+    inputs = {name: make_stack_inputs(spec, 5, 97) for name, spec in (("plain", plain), ("tied", tied), ("base", base))}
+    for name, spec in (("plain", plain), ("tied", tied), ("base", base)):
+        proc, _ = run_eval(smoe_eval, workdir, "valid_stack_" + name, spec, inputs[name])
+        if proc.returncode != 0:
+            raise RuntimeError(f"the valid {name} stack of check_stack_errors fails: {proc.stderr.strip()}")
+    good, plain_in, tied_in = inputs["base"], inputs["plain"], inputs["tied"]
+    single = {"d_model": 4, "n_experts": 3, "expert_size": 2, "k": 2, "router": "softmax_topk", "activation": "relu",
+              "dtype": "float64"}
+    single_in = make_inputs(single, 5, 99)
+
+    def changed(t, **changes):
+        """t with tensors replaced (None removes one); "__" stands for "."."""
+        t = {**t}
+        for k, v in changes.items():
+            k = k.replace("__", ".")
+            if v is None:
+                del t[k]
+            else:
+                t[k] = v
+        return t
+
+    def without_key(spec, key):
+        return {k: v for k, v in spec.items() if k != key}
+
+    nan_pool = good["pool.w1"].copy()
+    nan_pool[1, 0, 2, 1] = np.nan
+    bad = [
+        ("stack_router_noisy", {**base, "router": "noisy_topk"}, good,
+         ["\"router\"", "\"softmax_topk\"", "\"sigmoid_topk\"", "multi-layer", "noisy_topk"]),
+        ("stack_layers_zero", {**base, "layers": 0}, good, ["\"layers\"", ">= 1", "got 0"]),
+        ("stack_layers_float", {**base, "layers": 1.5}, good, ["\"layers\"", "integer"]),
+        ("stack_bad_pool", {**base, "pool": "global"}, good, ["\"pool\"", "\"samoe_output\"", "global"]),
+        ("stack_members_for_tied", {**tied, "pool_members": 2}, tied_in,
+         ["pool_members", "does not apply", "\"tied\"", "samoe_weight"]),
+        ("stack_temperature_for_per_layer", {**plain, "temperature": 2.0}, plain_in,
+         ["temperature", "does not apply", "\"per_layer\""]),
+        ("stack_top_members_for_tied", {**tied, "pool_top_members": 1}, tied_in, ["pool_top_members", "does not apply"]),
+        ("stack_missing_members", without_key(base, "pool_members"), good, ["missing required key", "pool_members"]),
+        ("stack_members_zero", {**base, "pool_members": 0}, good, ["pool_members", ">= 1", "got 0"]),
+        ("stack_temperature_zero", {**base, "temperature": 0}, good, ["temperature", "> 0"]),
+        ("stack_temperature_string", {**base, "temperature": "1"}, good, ["temperature", "finite number"]),
+        ("stack_top_members_above", {**base, "pool_top_members": 3}, good,
+         ["pool_top_members", "[0, pool_members = 2]", "got 3"]),
+        ("stack_top_members_negative", {**base, "pool_top_members": -1}, good, ["pool_top_members", ">= 0", "-1"]),
+        ("stack_mix_bias_without_residual", {**plain, "residual_mix_bias": False}, plain_in,
+         ["residual_mix_bias", "residual_expert_size"]),
+        ("stack_residual_negative", {**base, "residual_expert_size": -1}, good, ["residual_expert_size", ">= 0", "-1"]),
+        ("stack_shared_float", {**base, "shared_experts": 1.5}, good, ["shared_experts", "integer"]),
+        ("stack_seed", {**base, "seed": 1}, good, ["\"seed\"", "does not apply to the multi-layer mode"]),
+        ("stack_n_groups", {**base, "n_groups": 1}, good, ["\"n_groups\"", "does not apply to the multi-layer mode"]),
+        ("stack_unknown_key", {**base, "pool_size": 2}, good, ["unknown key", "pool_size", "multi-layer"]),
+        ("stack_unknown_coef", {**base, "coef": {"balance": 1}}, good, ["unknown key", "balance"]),
+        ("stack_renormalize_sigmoid", {**base, "router": "sigmoid_topk", "renormalize": True}, good,
+         ["renormalize", "sigmoid_topk"]),
+        ("stack_k_above_experts", {**base, "k": 4}, good, ["k must be in [1, experts = 3]", "got 4"]),
+        ("stack_capacity_negative", {**base, "capacity_factor": -1}, good, ["capacity_factor", ">= 0"]),
+        ("stack_bad_activation", {**base, "activation": "tanh"}, good, ["activation", "tanh"]),
+        ("stack_missing_expert_size", without_key(base, "expert_size"), good, ["expert_size", "missing"]),
+        ("pool_without_layers", {**single, "pool": "tied"}, single_in, ["\"pool\"", "needs the multi-layer mode"]),
+        ("shared_without_layers", {**single, "shared_experts": 1}, single_in,
+         ["\"shared_experts\"", "needs the multi-layer mode", "layers"]),
+        ("stack_missing_router_layer1", base, changed(good, layers__1__router__weight=None),
+         ["layers.1.router.weight", "missing"]),
+        ("stack_missing_combine", base, changed(good, layers__0__combine=None), ["layers.0.combine", "missing"]),
+        ("stack_missing_shared", base, changed(good, layers__1__shared__w2=None), ["layers.1.shared.w2", "missing"]),
+        ("stack_missing_mix_bias", {**base, "residual_mix_bias": True}, good, ["layers.0.residual.mix_bias", "missing"]),
+        ("stack_missing_bias", {**base, "bias": True}, good, ["pool.b1", "missing"]),
+        ("stack_pool_shape", base, changed(good, pool__w1=np.zeros((1, 3, 4, 2))),
+         ["pool.w1", "[2, 3, 4, 2]", "[1, 3, 4, 2]"]),
+        ("stack_combine_shape", base, changed(good, layers__0__combine=np.zeros(3)), ["layers.0.combine", "[2]", "[3]"]),
+        ("stack_mix_shape", base, changed(good, layers__1__residual__mix=np.zeros((4, 2))),
+         ["layers.1.residual.mix", "[2, 4]", "[4, 2]"]),
+        ("stack_shared_shape", base, changed(good, layers__0__shared__w1=np.zeros((2, 4, 2))),
+         ["layers.0.shared.w1", "[1, 4, 2]", "[2, 4, 2]"]),
+        ("stack_unexpected_layer", base, changed(good, layers__2__router__weight=np.zeros((3, 4))),
+         ["unexpected tensor 'layers.2.router.weight'"]),
+        ("stack_single_layer_name", base, changed(good, router__weight=np.zeros((3, 4))),
+         ["unexpected tensor 'router.weight'"]),
+        ("stack_tied_name_for_samoe", base, changed(good, experts__w1=np.zeros((3, 4, 2))),
+         ["unexpected tensor 'experts.w1'"]),
+        ("stack_layer_experts_for_tied", tied, changed(tied_in, layers__0__experts__w1=np.zeros((3, 4, 2))),
+         ["unexpected tensor 'layers.0.experts.w1'"]),
+        ("stack_residual_without_key", plain, changed(plain_in, layers__0__residual__mix=np.zeros((2, 4))),
+         ["unexpected tensor 'layers.0.residual.mix'"]),
+        ("stack_combine_for_per_layer", plain, changed(plain_in, layers__0__combine=np.zeros(2)),
+         ["unexpected tensor 'layers.0.combine'"]),
+        ("stack_wrong_dtype", base, changed(good, pool__w2=good["pool.w2"].astype(np.float32)),
+         ["pool.w2", "F64", "F32"]),
+        ("stack_wrong_x_width", base, changed(good, x=np.zeros((5, 3))), ["'x'", "[5, 3]"]),
+        ("stack_wrong_dy_shape", base, changed(good, dy=np.zeros((4, 4))), ["'dy'", "[4, 4]"]),
+        ("stack_non_finite", base, changed(good, pool__w1=nan_pool), ["pool.w1", "not finite"]),
+    ]
+    failures = []
+    for name, spec, t, needles in bad:
+        proc, out_path = run_eval(smoe_eval, workdir, "error_" + name, spec, t)
+        message = proc.stderr.strip()
+        problem = None
+        if os.path.exists(out_path):
+            problem = "OUT was written despite the error"
+        elif proc.returncode != 1:
+            problem = f"exit {proc.returncode} (expected 1)"
+        else:
+            missing = [n for n in needles if n not in message]
+            if missing:
+                problem = f"message lacks {missing}"
+        if problem:
+            failures.append(f"error case {name}: {problem}; stderr: {message}")
+        print(f"  {'BAD' if problem else 'ok '} {name:34s} {message}")
+    return failures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("smoe_eval")
@@ -659,16 +1042,22 @@ def main():
         os.makedirs(workdir, exist_ok=True)
         failures = []
         print(f"err = max|smoe - torch| / max(1, max|torch|) per tensor; tolerance {TOLERANCE}")
-        for case in cases():
-            case_failures, errors = check_case(args.smoe_eval, workdir, case)
+        for case in cases() + stack_cases():
+            check = check_stack_case if "layers" in case["spec"] else check_case
+            case_failures, errors = check(args.smoe_eval, workdir, case)
             failures += case_failures
             dtype = case["spec"].get("dtype", "float32")
             worst = max(errors.items(), key=lambda kv: kv[1]) if errors else ("-", 0.0)
             status = "ok " if not case_failures else "BAD"
+            detail = "" if "layers" in case["spec"] else " ".join(f"{k}={v:.1e}" for k, v in errors.items())
             print(f"{status} {case['name']:34s} {dtype:7s} T={case['tokens']:<3d} max err {worst[1]:.2e} "
-                  f"({worst[0]})  " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+                  f"({worst[0]})  " + (detail or f"{len(errors)} tensors"))
         print("error cases:")
         failures += check_errors(args.smoe_eval, workdir)
+        print("multi-layer mode:")
+        failures += check_one_layer_stack(args.smoe_eval, workdir)
+        failures += check_tied_equals_samoe(args.smoe_eval, workdir)
+        failures += check_stack_errors(args.smoe_eval, workdir)
     if failures:
         print(f"\n{len(failures)} FAILURES:")
         for f in failures:

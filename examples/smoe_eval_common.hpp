@@ -1,0 +1,185 @@
+#pragma once
+// Helpers shared by the translation units of smoe_eval (examples/smoe_eval.cpp, the single-layer
+// mode, and examples/smoe_eval_stack*.cpp, the multi-layer mode): SPEC parsing with one-line errors
+// that name the key, and checked reads of IN tensors.
+#include <smoe/core/error.hpp>
+#include <smoe/core/tensor.hpp>
+#include <smoe/io/safetensors.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <initializer_list>
+#include <iterator>
+#include <set>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace smoe_eval {
+
+using json = nlohmann::json;
+using smoe::fail;
+using smoe::index_t;
+
+enum class ActivationKind { relu, gelu, swiglu };
+enum class ScalarKind { float32, float64 };
+
+// Parses the SPEC file; duplicate keys are an error because JSON parsers silently keep one of them.
+inline json read_spec_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail("SPEC: cannot open '", path, "'");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::set<std::string>> open;
+  std::string duplicate;
+  const json::parser_callback_t track = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) open.emplace_back();
+    if (event == json::parse_event_t::object_end) open.pop_back();
+    if (event == json::parse_event_t::key && !open.empty() && !open.back().insert(parsed.get<std::string>()).second &&
+        duplicate.empty())
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
+  json spec;
+  try {
+    spec = json::parse(text, track);
+  } catch (const json::parse_error& e) {
+    fail("SPEC '", path, "' is not valid JSON: ", e.what());
+  }
+  if (!duplicate.empty()) fail("SPEC: key \"", duplicate, "\" appears more than once");
+  return spec;
+}
+
+inline void expect_known_keys(const json& object, const char* what, std::initializer_list<std::string_view> known) {
+  for (const auto& [key, value] : object.items()) {
+    bool found = false;
+    for (auto k : known) found = found || k == key;
+    if (!found) {
+      std::string list;
+      for (auto k : known) list += (list.empty() ? "" : ", ") + std::string(k);
+      fail(what, ": unknown key \"", key, "\" (known keys: ", list, ")");
+    }
+  }
+}
+
+
+inline std::int64_t integer(const json& spec, const char* key) {
+  const json& v = spec[key];
+  if (!v.is_number_integer()) fail("SPEC: \"", key, "\" must be an integer, got ", v.dump());
+  return v.get<std::int64_t>();
+}
+
+inline index_t positive_int(const json& spec, const char* key) {
+  if (!spec.contains(key)) fail("SPEC: missing required key \"", key, "\"");
+  const auto n = integer(spec, key);
+  if (n < 1) fail("SPEC: \"", key, "\" must be >= 1, got ", n);
+  return n;
+}
+
+inline index_t optional_int(const json& spec, const char* key, index_t fallback, index_t minimum) {
+  if (!spec.contains(key)) return fallback;
+  const auto n = integer(spec, key);
+  if (n < minimum) fail("SPEC: \"", key, "\" must be >= ", minimum, ", got ", n);
+  return n;
+}
+
+inline double optional_number(const json& spec, const char* key, double fallback) {
+  if (!spec.contains(key)) return fallback;
+  const json& v = spec[key];
+  if (!v.is_number() || !std::isfinite(v.get<double>()))
+    fail("SPEC: \"", key, "\" must be a finite number, got ", v.dump());
+  return v.get<double>();
+}
+
+inline bool optional_bool(const json& spec, const char* key) {
+  if (!spec.contains(key)) return false;
+  const json& v = spec[key];
+  if (!v.is_boolean()) fail("SPEC: \"", key, "\" must be true or false, got ", v.dump());
+  return v.get<bool>();
+}
+
+template <class Enum, std::size_t N>
+Enum choice(const json& spec, const char* key, const std::pair<std::string_view, Enum> (&choices)[N],
+            const char* default_name = nullptr) {
+  std::string name;
+  if (spec.contains(key)) {
+    if (!spec[key].is_string()) fail("SPEC: \"", key, "\" must be a string, got ", spec[key].dump());
+    name = spec[key].get<std::string>();
+  } else if (default_name != nullptr) {
+    name = default_name;
+  } else {
+    fail("SPEC: missing required key \"", key, "\"");
+  }
+  std::string list;
+  for (const auto& [n, e] : choices) {
+    if (n == name) return e;
+    list += (list.empty() ? "\"" : ", \"") + std::string(n) + "\"";
+  }
+  fail("SPEC: \"", key, "\" must be one of ", list, ", got \"", name, "\"");
+}
+
+inline std::string format_shape(const std::vector<index_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+template <class T>
+void check_finite(const smoe::io::SafetensorsFile& in, const std::string& name, const smoe::Tensor<T>& t) {
+  for (index_t i = 0; i < t.size(); ++i)
+    if (!std::isfinite(t[i]))
+      fail(in.source(), ": tensor '", name, "' flat element ", i, " is not finite (", t[i], ")");
+}
+
+// Reads `name` as T; its dtype must be T's and, where `shape` is given, its shape must equal it.
+template <class T>
+smoe::Tensor<T> load(const smoe::io::SafetensorsFile& in, const std::string& name, const std::vector<index_t>& shape,
+                     const char* dtype_note = " (the SPEC dtype)") {
+  constexpr auto want = smoe::io::dtype_of<T>::value;
+  if (!in.contains(name)) fail(in.source(), ": missing tensor '", name, "' (", want, " ", format_shape(shape), ")");
+  const auto& info = in.info(name);
+  if (info.dtype != want)
+    fail(in.source(), ": tensor '", name, "' dtype must be ", want, dtype_note, ", got ", info.dtype);
+  if (info.shape != shape)
+    fail(in.source(), ": tensor '", name, "' shape must be ", format_shape(shape), ", got ", format_shape(info.shape));
+  auto t = in.read<T>(name);
+  if constexpr (std::is_floating_point_v<T>) check_finite(in, name, t);
+  return t;
+}
+
+// The "coef" object: the coefficients of the switch, z, entropy and importance losses (each 0 when
+// absent). Without router logits (`has_logits` false) only "importance" may be non-zero; `router`
+// names the router in that message.
+struct Coefficients {
+  double switch_balance = 0, z = 0, entropy = 0, importance = 0;
+};
+
+inline Coefficients parse_coefficients(const json& j, bool has_logits, const std::string& router) {
+  Coefficients out;
+  if (!j.contains("coef")) return out;
+  const json& c = j["coef"];
+  if (!c.is_object()) fail("SPEC: \"coef\" must be an object, got ", c.dump());
+  expect_known_keys(c, "SPEC \"coef\"", {"switch", "z", "entropy", "importance"});
+  const auto coefficient = [&](const char* key) {
+    if (!c.contains(key)) return 0.0;
+    const json& v = c[key];
+    if (!v.is_number() || !std::isfinite(v.get<double>()))
+      fail("SPEC: \"coef\".\"", key, "\" must be a finite number, got ", v.dump());
+    const double value = v.get<double>();
+    if (value != 0.0 && !has_logits && std::string_view(key) != "importance")
+      fail("SPEC: \"coef\".\"", key, "\" needs router logits, which ", router,
+           " does not have (only \"importance\" applies)");
+    return value;
+  };
+  out.switch_balance = coefficient("switch");
+  out.z = coefficient("z");
+  out.entropy = coefficient("entropy");
+  out.importance = coefficient("importance");
+  return out;
+}
+
+}  // namespace smoe_eval
