@@ -17,6 +17,7 @@
 #include <smoe/core/rng.hpp>
 #include <smoe/experts/feed_forward_experts.hpp>
 #include <smoe/experts/value_experts.hpp>
+#include <smoe/layers/accounting.hpp>
 #include <smoe/layers/moe.hpp>
 #include <smoe/losses/importance.hpp>
 #include <smoe/losses/switch_balance.hpp>
@@ -563,3 +564,14 @@ TEST_CASE("PKM results are bitwise identical for any thread count", "[pkm][deter
   CHECK(one == two);
 }
 #endif
+
+TEST_CASE("PKM accounting: every key per token, one value row per selected value", "[pkm][accounting]") {
+  const index_t d = 8, N = 5, H = 3, K = 2;
+  MoE layer(ProductKeyRouter<float>({.d_model = d, .n_keys = N, .heads = H, .k = K}),
+            ValueExperts<float>({.d_model = d, .values = N * N}));
+  // Keys: H heads × 2 halves × N sub-keys × d/2; values: N² rows of d.
+  CHECK(total_parameters(layer) == H * N * d + N * N * d);
+  // Per token the router scores all H·N·d key weights; H·K value rows are read and summed.
+  CHECK(active_parameters_per_token(layer) == Approx(double(H * N * d + H * K * d)));
+  CHECK(flops_per_token(layer) == Approx(2.0 * H * N * d + 2.0 * H * K * d));
+}

@@ -45,6 +45,12 @@ class ValueExperts {
     f(std::string_view("values"), values_);
   }
 
+  // Accounting (layers/accounting.hpp; "per token" is per routed assignment): E·d values, of
+  // which one row of d is read and scaled into the output (2·d FLOPs, one multiply-add each).
+  index_t total_parameters() const { return values_.value.size(); }
+  double active_parameters_per_token() const { return double(d_model()); }
+  double flops_per_token() const { return 2.0 * double(d_model()); }
+
   void forward(ConstMatrixView<T> x, const Dispatch<T>& dispatch, MatrixView<T> ys) {
     check(x, dispatch);
     const index_t d = d_model();

@@ -62,7 +62,9 @@ class MoE {
   index_t n_experts() const { return experts_.experts(); }
   index_t k() const { return router_.k(); }
   R& router() { return router_; }
+  const R& router() const { return router_; }
   X& experts() { return experts_; }
+  const X& experts() const { return experts_; }
   C& combiner() { return combiner_; }
   std::tuple<Losses...>& losses() { return losses_; }
   const Routing<T>& routing() const { return routing_; }

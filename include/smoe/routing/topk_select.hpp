@@ -51,8 +51,8 @@ void select_topk(const T* scores, index_t n, index_t k, std::int32_t* out, const
     // a ranks before b: larger first, a number before NaN; equal scores keep the earlier
     // (smaller) index first because candidates arrive in index order.
     const auto before = [](T a, T b) { return a > b || (b != b && a == a); };
-    T kept[16];
-    std::int32_t ids[16];
+    T kept[16] = {};  // zero-initialized only to quiet GCC 12's -O3 maybe-uninitialized
+    std::int32_t ids[16] = {};
     index_t filled = 0;
     for (index_t i = 0; i < n; ++i) {
       const T v = scores[i];
