@@ -5,12 +5,13 @@
 //          so both modes route the same tokens), the aux loss included.
 //   Dense: DenseMLP<float, Relu>({d, d_ff = E·G}), dense_init: the same parameter count.
 //   TopK:  sigma-MoE's Top-K-activation MLP (Sec. 3.1): DenseMLP with topk = K·G.
+//   EigenDense: the Dense rows' MLP through Eigen's multithreaded GEMM (a second baseline).
 //
 // d = 512, G = 128, K = 4, E ∈ {8, 16, 32, 64}, T = 2048 tokens, float32, x, dy ~ N(0, 1).
 // validate_inputs is off on every layer. All layers use the same OpenMP threads (OMP_NUM_THREADS):
 // the dense GEMMs are multithreaded by Eigen, the MoE runs experts / token blocks in parallel.
 //
-// Names are <Layer>_<Pass>/E:<E> (Layer ∈ {Dense, MoE, TopKMLP}, Pass ∈ {Fwd, FwdBwd}), as
+// Names are <Layer>_<Pass>/E:<E> (Layer ∈ {Dense, MoE, TopKMLP, EigenDense}, Pass ∈ {Fwd, FwdBwd}), as
 // bench/report.py expects; they are registered E by E, and bench/run_moe_vs_dense.sh interleaves
 // the repetitions at random so that slow drifts of the machine hit every layer alike. Layers are
 // built once per (layer, E) and reused across repetitions (initialization is not timed).
@@ -147,6 +148,68 @@ void dense_fwd_bwd(benchmark::State& state, smoe::index_t E, smoe::index_t topk)
   set_counters(state, 3.0 * dense_forward_flops(E), E);
 }
 
+// The same dense MLP through Eigen's own multithreaded GEMM (outside any parallel region, Eigen
+// splits each product over the OpenMP threads; its rounding then depends on the thread count,
+// which is why DenseMLP does not do this). A second baseline, for scale.
+struct EigenDense {
+  using M = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  M w1, w2, h, dh, gw1, gw2;
+  explicit EigenDense(smoe::index_t E) {
+    DenseLayer& twin = dense_layer(E, 0);  // the same weights as the Dense rows
+    w1 = smoe::cpu_kernels::eigen(std::as_const(twin.w1().value).matrix());
+    w2 = smoe::cpu_kernels::eigen(std::as_const(twin.w2().value).matrix());
+    gw1 = M::Zero(w1.rows(), w1.cols());
+    gw2 = M::Zero(w2.rows(), w2.cols());
+  }
+  template <class X, class Y>
+  void forward(const X& x, Y& y) {
+    h.noalias() = x * w1;
+    h = h.cwiseMax(0.0f);
+    y.noalias() = h * w2;
+  }
+  template <class X, class Y>
+  void backward(const X& x, const X& dy, Y& dx) {
+    dh.noalias() = dy * w2.transpose();
+    gw2.noalias() += h.transpose() * dy;
+    dh = (h.array() > 0.0f).select(dh, 0.0f);
+    gw1.noalias() += x.transpose() * dh;
+    dx.noalias() = dh * w1.transpose();
+  }
+};
+
+EigenDense& eigen_dense(smoe::index_t E) {
+  static std::map<smoe::index_t, std::unique_ptr<EigenDense>> cache;
+  auto& slot = cache[E];
+  if (!slot) slot = std::make_unique<EigenDense>(E);
+  return *slot;
+}
+
+void eigen_dense_fwd(benchmark::State& state, smoe::index_t E) {
+  EigenDense& mlp = eigen_dense(E);
+  const auto x = smoe::cpu_kernels::eigen(input_x().matrix());
+  EigenDense::M y(kTokens, kD);
+  for (auto _ : state) {
+    mlp.forward(x, y);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, dense_forward_flops(E), E);
+}
+
+void eigen_dense_fwd_bwd(benchmark::State& state, smoe::index_t E) {
+  EigenDense& mlp = eigen_dense(E);
+  const auto x = smoe::cpu_kernels::eigen(input_x().matrix());
+  const auto dy = smoe::cpu_kernels::eigen(input_dy().matrix());
+  EigenDense::M y(kTokens, kD), dx(kTokens, kD);
+  for (auto _ : state) {
+    mlp.forward(x, y);
+    mlp.backward(x, dy, dx);
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 3.0 * dense_forward_flops(E), E);
+}
+
 double min_of(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
 void configure(benchmark::internal::Benchmark* b) {
@@ -164,6 +227,8 @@ const int registered = [] {
     configure(benchmark::RegisterBenchmark(("Dense_FwdBwd" + e).c_str(), dense_fwd_bwd, E, 0));
     configure(benchmark::RegisterBenchmark(("MoE_FwdBwd" + e).c_str(), moe_fwd_bwd, E));
     configure(benchmark::RegisterBenchmark(("TopKMLP_FwdBwd" + e).c_str(), dense_fwd_bwd, E, kK * kG));
+    configure(benchmark::RegisterBenchmark(("EigenDense_Fwd" + e).c_str(), eigen_dense_fwd, E));
+    configure(benchmark::RegisterBenchmark(("EigenDense_FwdBwd" + e).c_str(), eigen_dense_fwd_bwd, E));
   }
   return 0;
 }();

@@ -3,10 +3,10 @@
 
     ./bench_moe_vs_dense --benchmark_format=json ... | python3 bench/report.py [--stat median]
 
-Benchmark names are <Layer>_<Pass>/E:<E>[/...], Layer in {Dense, MoE, TopKMLP}, Pass in
-{Fwd, FwdBwd}; the counters K and G give the active hidden width K·G. One table per pass:
-E, d_ff, d_ff/(K·G), dense ms, MoE ms, speed-up = dense/MoE, speed-up / (d_ff/(K·G)), and the
-Top-K-activation MLP's time when it was measured. Ends with the check of the target
+Benchmark names are <Layer>_<Pass>/E:<E>[/...], Layer in {Dense, MoE, TopKMLP, EigenDense}, Pass
+in {Fwd, FwdBwd}; the counters K and G give the active hidden width K·G. One table per pass:
+E, d_ff, d_ff/(K·G), dense ms, MoE ms, speed-up = dense/MoE, speed-up / (d_ff/(K·G)), and, when
+measured, the Top-K-activation MLP's time and the Eigen-GEMM dense baseline with its speed-up. Ends with the check of the target
 speed-up >= 0.8·d_ff/(K·G) at the largest E.
 """
 import argparse
@@ -62,10 +62,13 @@ def table(rows, pass_name, title):
     if not es:
         return [], None
     has_topk = any(("TopKMLP", pass_name, e) in rows for e in es)
+    has_eigen = any(("EigenDense", pass_name, e) in rows for e in es)
     head = ["E", "d_ff", "d_ff/(K·G)", f"dense {title} ms", f"MoE {title} ms", "speed-up (dense/MoE)",
             "speed-up / (d_ff/(K·G))"]
     if has_topk:
         head.append(f"Top-K MLP {title} ms")
+    if has_eigen:
+        head += [f"Eigen dense {title} ms", "speed-up / (d_ff/(K·G)) vs Eigen dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     last = None
     for e in es:
@@ -81,6 +84,9 @@ def table(rows, pass_name, title):
         if has_topk:
             topk = rows.get(("TopKMLP", pass_name, e))
             cells.append(fmt(topk["time"] if topk else None))
+        if has_eigen:
+            ed = rows.get(("EigenDense", pass_name, e))
+            cells += [fmt(ed["time"] if ed else None), fmt(ed["time"] / moe["time"] / ideal if ed else None)]
         lines.append("| " + " | ".join(cells) + " |")
         last = (e, ideal, speed, ratio)
     return lines, last

@@ -1,5 +1,6 @@
 // cpu_kernels::gemm against a naive double-precision product, for both engines, every operand
-// layout, the epilogues, strided views and the tile and block edges of the AVX-512 kernel.
+// layout (strided or row pointers, transposed or not), the epilogues, strided views and the tile and
+// block edges of the AVX-512 kernel.
 #include <smoe/cpu/gemm_kernel.hpp>
 
 #include <cmath>
@@ -19,12 +20,14 @@ struct Case {
   index_t m, n, k;
   Op op_a, op_b;
   bool accumulate, bias, relu;
+  bool rows = false;  // A given by row pointers, in a scrambled order (a gathered operand)
 };
 
 std::string describe(const Case& c, GemmEngine engine) {
   return "m " + std::to_string(c.m) + " n " + std::to_string(c.n) + " k " + std::to_string(c.k) + " op_a " +
          std::to_string(int(c.op_a)) + " op_b " + std::to_string(int(c.op_b)) + " acc " + std::to_string(c.accumulate) +
-         " bias " + std::to_string(c.bias) + " relu " + std::to_string(c.relu) + " engine " + std::to_string(int(engine));
+         " bias " + std::to_string(c.bias) + " relu " + std::to_string(c.relu) + " rows " + std::to_string(c.rows) +
+         " engine " + std::to_string(int(engine));
 }
 
 // Values in [−1, 1] from a cheap integer hash: the cases are many and their matrices large.
@@ -53,9 +56,21 @@ void run_case(const Case& c, GemmEngine engine) {
   auto bias = filled<T>(1, std::max<index_t>(1, c.n), 4);
   const Tensor<T> before = cm;
   Tensor<T> scratch;
-  cpu_kernels::gemm<T>(ConstMatrixView<T>(a.data(), a_rows, a_cols, lda), c.op_a,
-                       ConstMatrixView<T>(b.data(), b_rows, b_cols, ldb), c.op_b, MatrixView<T>(cm.data(), c.m, c.n, ldc),
-                       GemmEpilogue<T>{c.accumulate, c.bias ? bias.data() : nullptr, c.relu}, &scratch, engine);
+  const ConstMatrixView<T> bv(b.data(), b_rows, b_cols, ldb);
+  const MatrixView<T> cv(cm.data(), c.m, c.n, ldc);
+  const GemmEpilogue<T> ep{c.accumulate, c.bias ? bias.data() : nullptr, c.relu};
+  // Row r of the stored A matrix: itself, or (row pointers) stored row `order[r]`.
+  std::vector<index_t> order(static_cast<std::size_t>(a_rows));
+  for (index_t r = 0; r < a_rows; ++r) order[r] = c.rows ? (r * 7 + 3) % a_rows : r;
+  if (c.rows) {
+    std::vector<const T*> pointers;
+    for (index_t r = 0; r < a_rows; ++r) pointers.push_back(a.data() + order[r] * lda);
+    cpu_kernels::gemm<T>(cpu_kernels::RowPointers<T>{pointers.data(), a_rows, a_cols}, c.op_a, bv, c.op_b, cv, ep,
+                         &scratch, engine);
+  } else {
+    cpu_kernels::gemm<T>(ConstMatrixView<T>(a.data(), a_rows, a_cols, lda), c.op_a, bv, c.op_b, cv, ep, &scratch,
+                         engine);
+  }
   // Rounding of a k-term float sum grows like sqrt(k) ulps; double is far below.
   const double tol = (sizeof(T) == 4 ? 2e-6 : 1e-14) * (4.0 + std::sqrt(double(c.k)));
   index_t padding_written = 0;
@@ -68,7 +83,7 @@ void run_case(const Case& c, GemmEngine engine) {
       }
       double want = c.accumulate ? double(before[i * ldc + j]) : 0.0, scale = std::abs(want);
       for (index_t kk = 0; kk < c.k; ++kk) {
-        const double av = c.op_a == Op::none ? double(a[i * lda + kk]) : double(a[kk * lda + i]);
+        const double av = c.op_a == Op::none ? double(a[order[i] * lda + kk]) : double(a[order[kk] * lda + i]);
         const double bv = c.op_b == Op::none ? double(b[kk * ldb + j]) : double(b[j * ldb + kk]);
         want += av * bv;
         scale += std::abs(av * bv);
@@ -109,7 +124,9 @@ TEMPLATE_TEST_CASE("gemm matches the naive product for every layout, epilogue an
             for (int ep = 0; ep < 8; ++ep) {
               if ((m * 5 + n * 3 + k + layout * 11 + ep * 13) % 13 != 0) continue;  // a spread-out thirteenth
               if (m * n * k > 400000) continue;
-              run_case<T>({m, n, k, Op(layout & 1), Op(layout >> 1), bool(ep & 1), bool(ep & 2), bool(ep & 4)}, engine);
+              run_case<T>({m, n, k, Op(layout & 1), Op(layout >> 1), bool(ep & 1), bool(ep & 2), bool(ep & 4),
+                           (m + n + k + ep) % 2 == 0},
+                          engine);
               ++run;
             }
   CHECK(run > 150);
@@ -120,7 +137,9 @@ TEMPLATE_TEST_CASE("gemm: the expert shapes of a MoE layer, every layout", "[gem
   for (const GemmEngine engine : engines_of(cpu_kernels::gemm_engine_available<T>(GemmEngine::avx512)))
     for (int layout = 0; layout < 4; ++layout) {
       run_case<T>({128, 128, 512, Op(layout & 1), Op(layout >> 1), false, false, layout == 0}, engine);
+      run_case<T>({128, 128, 512, Op(layout & 1), Op(layout >> 1), false, false, layout == 0, true}, engine);
       run_case<T>({37, 512, 128, Op(layout & 1), Op(layout >> 1), true, true, false}, engine);
+      run_case<T>({37, 512, 128, Op(layout & 1), Op(layout >> 1), true, true, false, true}, engine);
     }
 }
 

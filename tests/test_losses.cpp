@@ -471,3 +471,30 @@ TEMPLATE_TEST_CASE("logit-based losses need router logits", "[losses]", float, d
   REQUIRE_THROWS_AS(EntropyLoss<T>().forward(r, E), smoe::error);
   REQUIRE_THROWS_AS(SwitchBalanceLoss<T>().forward(r, E), smoe::error);
 }
+
+TEST_CASE("entropy loss: an expert whose softmax mass underflows float keeps a finite, exact log p", "[losses]") {
+  // Expert 0 sits ~150 below the others: exp(−150) underflows in float, so Σ_t q_t0 is 0 and
+  // log p_0 must come from the log-space path. The loss and its gradient match double, NaN-free.
+  const index_t tokens = 6, E = 4;
+  Data d;
+  d.T = tokens, d.E = E, d.K = 1;
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t e = 0; e < E; ++e) d.logits.push_back(e == 0 ? -150.0 - 0.5 * double(t) : 0.3 * double(e * t % 3));
+  for (index_t t = 0; t < tokens; ++t) d.ids.push_back(1), d.gates.push_back(0.5);
+  const Data df = rounded<float>(d);
+  const auto rf = make_routing<float>(df);
+  const auto rd = make_routing<double>(df);
+  EntropyLoss<float> lf(1.0);
+  EntropyLoss<double> ld(1.0);
+  CHECK(double(lf.forward(rf, E)) == Approx(ref_entropy(df.logits, tokens, E)).epsilon(1e-6));
+  ld.forward(rd, E);
+  Tensor<float> gf({tokens, E}), gates_f({tokens, 1});
+  Tensor<double> gd({tokens, E}), gates_d({tokens, 1});
+  gf.zero(), gd.zero();
+  lf.backward(rf, E, gf.matrix(), gates_f.matrix());
+  ld.backward(rd, E, gd.matrix(), gates_d.matrix());
+  for (index_t i = 0; i < gf.size(); ++i) {
+    REQUIRE(std::isfinite(gf[i]));
+    CHECK(double(gf[i]) == Approx(gd[i]).margin(1e-7));
+  }
+}

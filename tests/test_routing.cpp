@@ -627,7 +627,7 @@ TEMPLATE_TEST_CASE("TopKRouter backward matches finite differences", "[routing][
 
 TEMPLATE_TEST_CASE("select_topk agrees with a naive stable sort (small and large k)", "[routing][topk]", float, double) {
   using T = TestType;
-  const index_t n = GENERATE(1, 2, 5, 16, 17, 31, 64, 100, 1000);
+  const index_t n = GENERATE(1, 2, 5, 16, 17, 31, 64, 100, 1000, 1024, 1025);
   std::vector<index_t> ks = {1, 2, 3, 8, 15, 16, 17, 18, 40, n / 2, n - 1, n};
   ks.erase(std::remove_if(ks.begin(), ks.end(), [&](index_t k) { return k < 1 || k > n; }), ks.end());
   for (int variant = 0; variant < 4; ++variant) {

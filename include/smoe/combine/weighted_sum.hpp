@@ -5,6 +5,7 @@
 #include <concepts>
 
 #include "smoe/core/dispatch.hpp"
+#include "smoe/cpu/dot.hpp"
 #include "smoe/cpu/parallel.hpp"
 
 namespace smoe {
@@ -55,7 +56,7 @@ struct WeightedSum {
             continue;
           }
           // The slot's ys row is read before its dys row is written, so dys may alias ys.
-          d_gates(t, j) = dot(g_out, ys.row(s), d);
+          d_gates(t, j) = cpu_kernels::dot(g_out, ys.row(s), d);
           const T g = dispatch.slot_gate[s];
           T* out = dys.row(s);
           for (index_t c = 0; c < d; ++c) out[c] = g * g_out[c];
@@ -66,20 +67,6 @@ struct WeightedSum {
 
  private:
   static constexpr index_t token_block = 32;
-  static constexpr index_t lanes = 16;
-
-  // Σ_c a[c]·b[c] as 16 partial sums (element c into lane c mod 16) added pairwise at the end: an
-  // order fixed by d alone, which the compiler vectorizes.
-  static T dot(const T* a, const T* b, index_t d) {
-    T acc[lanes] = {};
-    index_t c = 0;
-    for (; c + lanes <= d; c += lanes)
-      for (index_t l = 0; l < lanes; ++l) acc[l] += a[c + l] * b[c + l];
-    for (index_t l = 0; c + l < d; ++l) acc[l] += a[c + l] * b[c + l];
-    for (index_t width = lanes / 2; width > 0; width /= 2)
-      for (index_t l = 0; l < width; ++l) acc[l] += acc[l + width];
-    return acc[0];
-  }
 };
 
 }  // namespace smoe

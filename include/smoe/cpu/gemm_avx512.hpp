@@ -1,15 +1,15 @@
 #pragma once
 // The AVX-512 GEMM micro-kernels behind cpu_kernels::gemm (cpu/gemm_kernel.hpp); include that header.
 //
-//   C[m, n] = epilogue(A · B),  A [m, k] read as a[i·lda + kk] (Op::none) or a[kk·lda + i]
-//   (Op::transpose), B [k, n] row-major, C row-major.
+//   C[m, n] = epilogue(A · B),  A [m, k] strided (a[i·lda + kk], or a[kk·lda + i] transposed) or
+//   given by row pointers (AOperand below), B [k, n] row-major, C row-major.
 //
 // Register tile: 12 rows × 2 vectors (32 floats or 16 doubles) of C in 24 zmm accumulators. Each
 // step kk loads two vectors of B's row kk and broadcasts A(i, kk) for the 12 rows straight from A,
 // so neither operand is packed: a gathered or transposed A costs nothing extra, and B's rows are
-// read where they are (an expert's weight [d, G] is used in place). Loops: B panels of
-// kc × 32 columns stay in L1 (kc = 192: 24 KiB) while the 12-row tiles of A stream past them.
-// Summation order over k is fixed (kc blocks in order, kk in order inside), so results depend
+// read where they are (an expert's weight [d, G] is used in place). Blocking: a [384, 192] block of
+// A stays in L2 while every 192 × 32 panel of B passes through L1 once per row block, and the
+// next panel is prefetched while the current one serves the row tiles. Summation order over k is fixed (kc blocks in order, kk in order inside), so results depend
 // only on the shapes, never on threads.
 //
 // Compiled with __attribute__((target("avx512f"))) and chosen at run time (cpu_supports_avx512),
@@ -75,12 +75,35 @@ struct TileEpilogue {
   bool relu;
 };
 
+// How A(i, kk) is found. Strided: a[i·ld + kk], or a[kk·ld + i] (transposed). Rows: row i of A
+// at rows[i] + offset, or (transposed, A = Xᵀ) row kk of X at rows[kk] + offset, element i — so a
+// gathered operand (an expert's tokens) is read where it lies, without a copy.
+enum class ALayout { strided, strided_t, rows, rows_t };
+
+template <class T, ALayout Layout>
+struct AOperand {
+  const T* a = nullptr;            // strided layouts
+  index_t ld = 0;
+  const T* const* rows = nullptr;  // row-pointer layouts
+  index_t offset = 0;
+
+  // The operand starting at (i0, k0).
+  AOperand at(index_t i0, index_t k0) const {
+    AOperand o = *this;
+    if constexpr (Layout == ALayout::strided) o.a += i0 * ld + k0;
+    if constexpr (Layout == ALayout::strided_t) o.a += k0 * ld + i0;
+    if constexpr (Layout == ALayout::rows) o.rows += i0, o.offset += k0;
+    if constexpr (Layout == ALayout::rows_t) o.rows += k0, o.offset += i0;
+    return o;
+  }
+};
+
 #define SMOE_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
 // One MR × 2-vector tile over kc steps. Named accumulators (not arrays): GCC keeps arrays of
 // vectors in memory across the loop.
-template <class T, int MR, bool TransA>
-SMOE_AVX512_NOINLINE void tile(index_t kc, const T* a, index_t lda, const T* b, index_t ldb, T* c, index_t ldc,
+template <class T, int MR, ALayout Layout>
+SMOE_AVX512_NOINLINE void tile(index_t kc, AOperand<T, Layout> a, const T* b, index_t ldb, T* c, index_t ldc,
                                typename Vec<T>::mask m0, typename Vec<T>::mask m1, TileEpilogue<T> ep) {
   using V = Vec<T>;
   using v = typename V::type;
@@ -88,28 +111,55 @@ SMOE_AVX512_NOINLINE void tile(index_t kc, const T* a, index_t lda, const T* b, 
 #define SMOE_TILE_DECL(i) v c##i##0 = V::zero(), c##i##1 = V::zero();
   SMOE_TILE_ROWS(SMOE_TILE_DECL)
 #undef SMOE_TILE_DECL
-  // Op::none: rows i of A at p0 / p4 / p8 + {0, 1, 2, 3}·lda, advancing one element per step, so
-  // the 12 broadcasts need five registers. Op::transpose: the 12 values are adjacent.
-  const T* p0 = a;
-  const T* p4 = a + (TransA ? 4 : 4 * lda);
-  const T* p8 = a + (TransA ? 8 : 8 * lda);
-  const index_t s1 = TransA ? 1 : lda, s3 = 3 * s1, step = TransA ? lda : 1;
-  for (index_t kk = 0; kk < kc; ++kk) {
-    const v b0 = V::load(m0, b), b1 = V::load(m1, b + L);
-    b += ldb;
-#define SMOE_TILE_FMA(i)                                                                   \
-  if constexpr (MR > i) {                                                                  \
-    const T* row = i < 4 ? p0 : (i < 8 ? p4 : p8);                                         \
-    const v av = V::set1(row[(i % 4) == 0 ? 0 : (i % 4) == 1 ? s1 : (i % 4) == 2 ? 2 * s1 : s3]); \
-    c##i##0 = V::fma(av, b0, c##i##0);                                                     \
-    c##i##1 = V::fma(av, b1, c##i##1);                                                     \
+#define SMOE_TILE_FMA(i, value)          \
+  if constexpr (MR > i) {                \
+    const v av = V::set1(value);         \
+    c##i##0 = V::fma(av, b0, c##i##0);   \
+    c##i##1 = V::fma(av, b1, c##i##1);   \
   }
-    SMOE_TILE_ROWS(SMOE_TILE_FMA)
+  if constexpr (Layout == ALayout::strided || Layout == ALayout::strided_t) {
+    // Rows i of A at p0 / p4 / p8 + {0, 1, 2, 3}·s1, advancing `step` per kk: five registers for
+    // the 12 broadcasts (transposed: the 12 values are adjacent).
+    constexpr bool trans = Layout == ALayout::strided_t;
+    const T* p0 = a.a;
+    const T* p4 = a.a + (trans ? 4 : 4 * a.ld);
+    const T* p8 = a.a + (trans ? 8 : 8 * a.ld);
+    const index_t s1 = trans ? 1 : a.ld, s3 = 3 * s1, step = trans ? a.ld : 1;
+    for (index_t kk = 0; kk < kc; ++kk) {
+      const v b0 = V::load(m0, b), b1 = V::load(m1, b + L);
+      b += ldb;
+#define SMOE_TILE_STRIDED(i) \
+  SMOE_TILE_FMA(i, (i < 4 ? p0 : (i < 8 ? p4 : p8))[(i % 4) == 0 ? 0 : (i % 4) == 1 ? s1 : (i % 4) == 2 ? 2 * s1 : s3])
+      SMOE_TILE_ROWS(SMOE_TILE_STRIDED)
+#undef SMOE_TILE_STRIDED
+      p0 += step;
+      p4 += step;
+      p8 += step;
+    }
+  } else if constexpr (Layout == ALayout::rows) {
+    // One pointer per row, indexed by kk (twelve registers; the loop needs three more).
+#define SMOE_TILE_ROW_POINTER(i) const T* r##i = MR > i ? a.rows[i] + a.offset : nullptr;
+    SMOE_TILE_ROWS(SMOE_TILE_ROW_POINTER)
+#undef SMOE_TILE_ROW_POINTER
+    for (index_t kk = 0; kk < kc; ++kk) {
+      const v b0 = V::load(m0, b), b1 = V::load(m1, b + L);
+      b += ldb;
+#define SMOE_TILE_ROW(i) SMOE_TILE_FMA(i, r##i[kk])
+      SMOE_TILE_ROWS(SMOE_TILE_ROW)
+#undef SMOE_TILE_ROW
+    }
+  } else {
+    // Row kk of X holds A's 12 values of this step side by side.
+    for (index_t kk = 0; kk < kc; ++kk) {
+      const v b0 = V::load(m0, b), b1 = V::load(m1, b + L);
+      b += ldb;
+      const T* p = a.rows[kk] + a.offset;
+#define SMOE_TILE_COLUMN(i) SMOE_TILE_FMA(i, p[i])
+      SMOE_TILE_ROWS(SMOE_TILE_COLUMN)
+#undef SMOE_TILE_COLUMN
+    }
+  }
 #undef SMOE_TILE_FMA
-    p0 += step;
-    p4 += step;
-    p8 += step;
-  }
   v bias0 = V::zero(), bias1 = V::zero();
   const bool with_bias = ep.last && ep.bias != nullptr;
   if (with_bias) {
@@ -141,29 +191,28 @@ SMOE_AVX512_NOINLINE void tile(index_t kc, const T* a, index_t lda, const T* b, 
 
 #undef SMOE_TILE_ROWS
 
-template <class T, bool TransA>
-SMOE_AVX512 void tile_rows(index_t rows, index_t kc, const T* a, index_t lda, const T* b, index_t ldb, T* c,
+template <class T, ALayout Layout>
+SMOE_AVX512 void tile_rows(index_t rows, index_t kc, AOperand<T, Layout> a, const T* b, index_t ldb, T* c,
                            index_t ldc, typename Vec<T>::mask m0, typename Vec<T>::mask m1, TileEpilogue<T> ep) {
   // A short tile as 8 + 2 + 1 rows and the like: five kernels instead of twelve.
-  const index_t row_step = TransA ? 1 : lda;
   while (rows > 0) {
     const index_t r = rows >= 12 ? 12 : rows >= 8 ? 8 : rows >= 4 ? 4 : rows >= 2 ? 2 : 1;
     switch (r) {
-      case 12: tile<T, 12, TransA>(kc, a, lda, b, ldb, c, ldc, m0, m1, ep); break;
-      case 8: tile<T, 8, TransA>(kc, a, lda, b, ldb, c, ldc, m0, m1, ep); break;
-      case 4: tile<T, 4, TransA>(kc, a, lda, b, ldb, c, ldc, m0, m1, ep); break;
-      case 2: tile<T, 2, TransA>(kc, a, lda, b, ldb, c, ldc, m0, m1, ep); break;
-      default: tile<T, 1, TransA>(kc, a, lda, b, ldb, c, ldc, m0, m1, ep); break;
+      case 12: tile<T, 12, Layout>(kc, a, b, ldb, c, ldc, m0, m1, ep); break;
+      case 8: tile<T, 8, Layout>(kc, a, b, ldb, c, ldc, m0, m1, ep); break;
+      case 4: tile<T, 4, Layout>(kc, a, b, ldb, c, ldc, m0, m1, ep); break;
+      case 2: tile<T, 2, Layout>(kc, a, b, ldb, c, ldc, m0, m1, ep); break;
+      default: tile<T, 1, Layout>(kc, a, b, ldb, c, ldc, m0, m1, ep); break;
     }
     rows -= r;
-    a += r * row_step;
+    a = a.at(r, 0);
     c += r * ldc;
   }
 }
 
 // C [m, n] (+)= A · B (+ bias, relu). B is row-major [k, n] with row stride ldb.
-template <class T, bool TransA>
-SMOE_AVX512_NOINLINE void gemm(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb,
+template <class T, ALayout Layout>
+SMOE_AVX512_NOINLINE void gemm(index_t m, index_t n, index_t k, AOperand<T, Layout> a, const T* b, index_t ldb,
                                T* c, index_t ldc, bool accumulate, const T* bias, bool relu) {
   using V = Vec<T>;
   using mask = typename V::mask;
@@ -179,21 +228,25 @@ SMOE_AVX512_NOINLINE void gemm(index_t m, index_t n, index_t k, const T* a, inde
       }
     return;
   }
+  // Loops: row blocks of A (mc rows) → k blocks → column panels of B (32 columns) → row tiles.
+  // A's [mc, kc] block stays in L2 for all column panels, a [kc, 32] B panel in L1 for all row
+  // tiles, and C's [mc, n] block in L2 across the k blocks.
   for (index_t i0 = 0; i0 < m; i0 += MC) {
     const index_t mc = std::min(MC, m - i0);
-    for (index_t j0 = 0; j0 < n; j0 += NR) {
-      const index_t nr = std::min(NR, n - j0);
-      const mask m0 = lane_mask(nr), m1 = lane_mask(nr - L);
-      for (index_t k0 = 0; k0 < k; k0 += KC) {
-        const index_t kc = std::min(KC, k - k0);
+    const index_t tiles = (mc + 11) / 12;
+    for (index_t k0 = 0; k0 < k; k0 += KC) {
+      const index_t kc = std::min(KC, k - k0);
+      const AOperand<T, Layout> ak = a.at(i0, k0);
+      for (index_t j0 = 0; j0 < n; j0 += NR) {
+        const index_t nr = std::min(NR, n - j0);
+        const mask m0 = lane_mask(nr), m1 = lane_mask(nr - L);
         const TileEpilogue<T> ep{accumulate || k0 > 0, k0 + kc == k, bias ? bias + j0 : nullptr, relu};
-        const T* ak = TransA ? a + k0 * lda + i0 : a + i0 * lda + k0;
-        // While this B panel serves the row tiles from L1, fetch the next one (the next k block,
-        // or the next columns) a slice per tile: B comes from memory once and is not packed.
-        const bool next_k = k0 + KC < k;
-        const T* next = next_k ? b + (k0 + KC) * ldb + j0 : b + j0 + NR;
-        const index_t next_rows = next_k ? std::min(KC, k - k0 - KC) : (j0 + NR < n ? std::min(KC, k) : 0);
-        const index_t tiles = (mc + 11) / 12, per_tile = (next_rows + tiles - 1) / tiles;
+        // While this B panel serves the row tiles from L1, fetch the next one (the next columns,
+        // else the next k block), a slice per tile: B is read where it is, not packed.
+        const bool next_cols = j0 + NR < n;
+        const T* next = next_cols ? b + k0 * ldb + j0 + NR : b + (k0 + KC) * ldb;
+        const index_t next_rows = next_cols ? kc : (k0 + KC < k ? std::min(KC, k - k0 - KC) : 0);
+        const index_t per_tile = (next_rows + tiles - 1) / tiles;
         for (index_t t = 0, r = 0; t < mc; t += 12) {
           for (const index_t stop = std::min(next_rows, r + per_tile); r < stop; ++r) {
             _mm_prefetch(reinterpret_cast<const char*>(next + r * ldb), _MM_HINT_T0);
@@ -204,8 +257,7 @@ SMOE_AVX512_NOINLINE void gemm(index_t m, index_t n, index_t k, const T* a, inde
               _mm_prefetch(reinterpret_cast<const char*>(c + (i0 + i) * ldc + j0), _MM_HINT_T0);
               _mm_prefetch(reinterpret_cast<const char*>(c + (i0 + i) * ldc + j0 + L), _MM_HINT_T0);
             }
-          const index_t rows = std::min<index_t>(12, mc - t);
-          tile_rows<T, TransA>(rows, kc, ak + t * (TransA ? 1 : lda), lda, b + k0 * ldb + j0, ldb,
+          tile_rows<T, Layout>(std::min<index_t>(12, mc - t), kc, ak.at(t, 0), b + k0 * ldb + j0, ldb,
                                c + (i0 + t) * ldc + j0, ldc, m0, m1, ep);
         }
       }

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "smoe/combine/weighted_sum.hpp"
 #include "smoe/core/parameter.hpp"
 #include "smoe/cpu/grouped_ffn.hpp"
 #include "smoe/experts/activation.hpp"
@@ -81,6 +82,26 @@ class FeedForwardExperts {
     cpu_kernels::grouped_ffn_backward<T, Act>(x, dispatch, weights(), gradients(), shape(), dys, dx, cache_);
   }
 
+  // The WeightedExperts pair (experts/experts.hpp): with the WeightedSum combiner, MoE<> calls
+  // these. Forward is forward() plus the weighted sum; backward takes dy and computes the gate
+  // gradients inside each expert's pass, so the per-slot output gradients [A, d] and the
+  // combiner's pass over the per-slot outputs are never needed.
+  void forward_weighted(ConstMatrixView<T> x, const Dispatch<T>& dispatch, MatrixView<T> y) {
+    ys_.resize({dispatch.assignments(), d_model()});
+    forward(x, dispatch, ys_.matrix());
+    WeightedSum<T>{}.forward(dispatch, std::as_const(ys_).matrix(), y);
+  }
+  void backward_weighted(ConstMatrixView<T> x, const Dispatch<T>& dispatch, ConstMatrixView<T> dy,
+                         MatrixView<T> d_gates, MatrixView<T> dx) {
+    check(x, dispatch);
+    expect_shape(name, "dy", dy, dispatch.tokens, d_model());
+    expect_shape(name, "d_gates", d_gates, dispatch.tokens, dispatch.k);
+    expect_shape(name, "dx", dx, x.rows, d_model());
+    if (cache_.assignments != dispatch.assignments()) fail(name, ": backward needs the forward of the same dispatch first");
+    cpu_kernels::grouped_ffn_backward_weighted<T, Act>(x, dispatch, weights(), gradients(), shape(), dy, d_gates, dx,
+                                                       cache_);
+  }
+
  private:
   void check(ConstMatrixView<T> x, const Dispatch<T>& dispatch) const {
     expect_shape(name, "x", x, dispatch.tokens, d_model());
@@ -99,6 +120,7 @@ class FeedForwardExperts {
   FeedForwardConfig config_;
   Parameter<T> w1_, w2_, b1_, b2_;
   cpu_kernels::GroupedFFNCache<T> cache_;  // forward cache and per-thread scratch
+  Tensor<T> ys_;                           // forward_weighted: the per-slot outputs [A, d]
 };
 
 template <class T>

@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "smoe/core/parameter.hpp"
+#include "smoe/cpu/dot.hpp"
 #include "smoe/cpu/parallel.hpp"
 #include "smoe/experts/experts.hpp"
 
@@ -112,13 +113,8 @@ class ValueExperts {
       for (index_t t = first; t < last; ++t)
         for (index_t j = 0; j < K; ++j) {
           const index_t s = dispatch.slot(t, j);
-          T dot = 0;
-          if (s >= 0) {
-            const T* v = values_.value.data() + dispatch.expert_of_slot(s) * d;
-            const T* g = dy.row(t);
-            for (index_t c = 0; c < d; ++c) dot += g[c] * v[c];
-          }
-          d_gates(t, j) = dot;
+          d_gates(t, j) =
+              s < 0 ? T(0) : cpu_kernels::dot(dy.row(t), values_.value.data() + dispatch.expert_of_slot(s) * d, d);
         }
     });
     cpu_kernels::parallel_for_blocks(experts(), expert_block, [&](index_t first, index_t last) {

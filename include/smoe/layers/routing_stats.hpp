@@ -43,7 +43,6 @@ RoutingStats compute_routing_stats(const Routing<T>& r, const Dispatch<T>& dispa
   const bool has_logits = r.logits.rank() == 2 && r.logits.dim(1) == E && tokens > 0;
   if (has_logits) {
     std::vector<T> lse;
-    detail::row_logsumexp(r.logits, E, lse);
     const std::vector<T> sums = detail::softmax_column_sums(r.logits, E, lse);
     for (index_t e = 0; e < E; ++e) p[e] = double(sums[e]) / double(tokens);
   } else if (s.assignments > 0) {

@@ -80,18 +80,31 @@ void for_each_softmax_row(const Tensor<T>& logits, index_t E, const std::vector<
   });
 }
 
-// Σ_t softmax(logits[t]) [E]: per-block sums in token order, then the blocks in order.
+// Σ_t softmax(logits[t]) [E], filling lse[t] on the way: one exp per element. Per-block sums in
+// token order, then the blocks in order.
 template <class T>
-std::vector<T> softmax_column_sums(const Tensor<T>& logits, index_t E, const std::vector<T>& lse) {
-  const index_t tokens = static_cast<index_t>(lse.size());
+std::vector<T> softmax_column_sums(const Tensor<T>& logits, index_t E, std::vector<T>& lse) {
+  const index_t tokens = logits.rank() == 2 ? logits.dim(0) : 0;
   const index_t blocks = std::max<index_t>(1, tokens / loss_token_block);
+  lse.resize(static_cast<std::size_t>(tokens));
   std::vector<T> partial(static_cast<std::size_t>(blocks * E), T(0));
   cpu_kernels::parallel_for_blocks(tokens, loss_token_block, [&](index_t first, index_t last) {
     ArrayMap<T> sum(partial.data() + first / loss_token_block * E, E);
-    std::vector<T> q(static_cast<std::size_t>(E));
+    std::vector<T> buffer(static_cast<std::size_t>(E));
+    ArrayMap<T> q(buffer.data(), E);
     for (index_t t = first; t < last; ++t) {
-      softmax_row(logits.data() + t * E, E, lse[t], q.data());
-      sum += ConstArrayMap<T>(q.data(), E);
+      const ConstArrayMap<T> s(logits.data() + t * E, E);
+      const T m = s.maxCoeff();
+      if (std::isfinite(m)) {
+        q = (s - m).exp();
+        const T z = q.sum();
+        lse[t] = m + std::log(z);
+        q *= T(1) / z;
+      } else {  // as logsumexp: the row's lse is its max
+        lse[t] = m;
+        q = (s - m).exp();
+      }
+      sum += q;
     }
   });
   std::vector<T> total(static_cast<std::size_t>(E), T(0));

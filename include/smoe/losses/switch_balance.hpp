@@ -26,7 +26,7 @@ struct SwitchBalanceLoss {
     detail::expect_logits(name, r, E);
     const index_t tokens = r.tokens();
     f_.assign(static_cast<std::size_t>(E), T(0));
-    detail::row_logsumexp(r.logits, E, lse_);
+    const std::vector<T> P = detail::softmax_column_sums(r.logits, E, lse_);  // Σ_t p_t; fills lse_
     if (tokens == 0) return T(0);
     std::vector<index_t> top_count(static_cast<std::size_t>(E), 0);
     for (index_t t = 0; t < tokens; ++t) {
@@ -34,7 +34,6 @@ struct SwitchBalanceLoss {
       select_topk(r.logits.data() + t * E, E, 1, &top);
       ++top_count[top];
     }
-    const std::vector<T> P = detail::softmax_column_sums(r.logits, E, lse_);
     T loss = 0;
     for (index_t e = 0; e < E; ++e) {
       f_[e] = T(top_count[e]) / T(tokens);

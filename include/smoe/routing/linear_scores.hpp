@@ -18,10 +18,7 @@ namespace smoe {
 template <class T>
 class LinearScores {
  public:
-  void prepare(ConstMatrixView<T> weight) {
-    weight_t_.resize({weight.cols, weight.rows});
-    cpu_kernels::eigen(weight_t_.matrix()) = cpu_kernels::eigen(weight).transpose();
-  }
+  void prepare(ConstMatrixView<T> weight) { cpu_kernels::transpose<T>(weight, weight_t_); }
 
   // s_block [n, E] = x_block [n, d] · Wᵀ, with the W of the last prepare().
   void forward_block(ConstMatrixView<T> x_block, MatrixView<T> s_block) const {

@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/config.hpp"
+#include "smoe/cpu/topk_avx512.hpp"
 
 namespace smoe {
 
@@ -27,6 +29,28 @@ struct Candidate {
     return index < o.index;
   }
 };
+
+// Insertion into a kept list of k <= 16, best first, under the strict order `before`; a
+// candidate that does not beat the k-th kept one costs one comparison.
+template <class T, class Before>
+void insert_topk(const T* scores, index_t n, index_t k, std::int32_t* out, Before before) {
+  T kept[16] = {};  // zero-initialized only to quiet GCC 12's -O3 maybe-uninitialized
+  std::int32_t ids[16] = {};
+  index_t filled = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const T v = scores[i];
+    if (filled == k && !before(v, kept[k - 1])) continue;
+    index_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && before(v, kept[pos - 1])) {
+      kept[pos] = kept[pos - 1];
+      ids[pos] = ids[pos - 1];
+      --pos;
+    }
+    kept[pos] = v;
+    ids[pos] = static_cast<std::int32_t>(i);
+  }
+  std::copy_n(ids, k, out);
+}
 }  // namespace detail
 
 // Writes the k best of scores[0..n) into out[0..k). `dropped` (may be null): candidates with a
@@ -48,25 +72,22 @@ void select_topk(const T* scores, index_t n, index_t k, std::int32_t* out, const
     return;
   }
   if (dropped == nullptr) {  // the common case, on raw scores: same order, a cheap rejection test
+    bool any_nan = false;  // (a vectorizable scan) without NaN the order is plain `>`
+    for (index_t i = 0; i < n; ++i) any_nan |= scores[i] != scores[i];
     // a ranks before b: larger first, a number before NaN; equal scores keep the earlier
     // (smaller) index first because candidates arrive in index order.
-    const auto before = [](T a, T b) { return a > b || (b != b && a == a); };
-    T kept[16] = {};  // zero-initialized only to quiet GCC 12's -O3 maybe-uninitialized
-    std::int32_t ids[16] = {};
-    index_t filled = 0;
-    for (index_t i = 0; i < n; ++i) {
-      const T v = scores[i];
-      if (filled == k && !before(v, kept[k - 1])) continue;
-      index_t pos = filled < k ? filled++ : k - 1;
-      while (pos > 0 && before(v, kept[pos - 1])) {
-        kept[pos] = kept[pos - 1];
-        ids[pos] = ids[pos - 1];
-        --pos;
-      }
-      kept[pos] = v;
-      ids[pos] = static_cast<std::int32_t>(i);
+    if (any_nan) {
+      detail::insert_topk(scores, n, k, out, [](T a, T b) { return a > b || (b != b && a == a); });
+      return;
     }
-    std::copy_n(ids, k, out);
+#if defined(SMOE_HAVE_AVX512_GEMM)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+      if (n <= 1024 && cpu_kernels::avx512::cpu_supports_avx512()) {
+        cpu_kernels::avx512::topk_no_nan(scores, n, k, out);
+        return;
+      }
+#endif
+    detail::insert_topk(scores, n, k, out, [](T a, T b) { return a > b; });
     return;
   }
   C top[16];  // insertion into the kept list, best first

@@ -45,22 +45,6 @@ MatrixView<U> column_range(MatrixView<U> m, index_t begin, index_t end) {
   return MatrixView<U>(m.data == nullptr ? nullptr : m.data + begin, m.rows, end - begin, m.stride);
 }
 
-// out [b.cols, b.rows] = bᵀ (exact: a copy, no arithmetic).
-template <class T>
-void transpose_into(std::type_identity_t<ConstMatrixView<T>> b, Tensor<T>& out) {
-  out.resize({b.cols, b.rows});
-  if (b.rows == 0 || b.cols == 0) return;
-#if defined(SMOE_HAVE_AVX512_GEMM)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (cpu_kernels::avx512::cpu_supports_avx512()) {
-      cpu_kernels::avx512::transpose(b.rows, b.cols, b.data, b.stride, out.data(), b.rows);
-      return;
-    }
-  }
-#endif
-  cpu_kernels::eigen(out.matrix()) = cpu_kernels::eigen(b).transpose();
-}
-
 // c = epilogue(a·b): a [n, k], b [k, m], c [n, m], by tiles of c.
 template <class T>
 void blocked_gemm_nn(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b,
@@ -81,7 +65,7 @@ void blocked_gemm_nt(std::type_identity_t<ConstMatrixView<T>> a, std::type_ident
                      MatrixView<T> c, Tensor<T>& b_t, cpu_kernels::GemmEpilogue<T> ep = {}) {
   assert(a.rows == c.rows && a.cols == b.cols && b.rows == c.cols);
   if (c.rows == 0 || c.cols == 0) return;
-  transpose_into<T>(b, b_t);
+  cpu_kernels::transpose<T>(b, b_t);
   blocked_gemm_nn<T>(a, std::as_const(b_t).matrix(), c, ep);
 }
 
