@@ -117,7 +117,66 @@ void avx512_gemm(avx512::AOperand<T, Layout> a, index_t k, ConstMatrixView<T> b,
   }
   avx512::gemm<T, Layout>(m, n, k, a, bp, ldb, c.data, c.stride, ep.accumulate, ep.bias, ep.relu);
 }
+
+template <class T>
+void avx512_gemm(ConstMatrixView<T> a, Op op_a, index_t k, ConstMatrixView<T> b, Op op_b, MatrixView<T> c,
+                 GemmEpilogue<T> ep, Tensor<T>* scratch) {
+  using avx512::ALayout, avx512::AOperand;
+  if (op_a == Op::none)
+    avx512_gemm(AOperand<T, ALayout::strided>{a.data, a.stride}, k, b, op_b, c, ep, scratch);
+  else
+    avx512_gemm(AOperand<T, ALayout::strided_t>{a.data, a.stride}, k, b, op_b, c, ep, scratch);
+}
+template <class T>
+void avx512_gemm(RowPointers<T> a, Op op_a, index_t k, ConstMatrixView<T> b, Op op_b, MatrixView<T> c,
+                 GemmEpilogue<T> ep, Tensor<T>* scratch) {
+  using avx512::ALayout, avx512::AOperand;
+  if (op_a == Op::none)
+    avx512_gemm(AOperand<T, ALayout::rows>{nullptr, 0, a.rows, 0}, k, b, op_b, c, ep, scratch);
+  else
+    avx512_gemm(AOperand<T, ALayout::rows_t>{nullptr, 0, a.rows, 0}, k, b, op_b, c, ep, scratch);
+}
 #endif
+
+template <class T>
+void eigen_gemm(ConstMatrixView<T> a, Op op_a, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, GemmEpilogue<T> ep) {
+  if (op_a == Op::none)
+    eigen_gemm(eigen(a), b, op_b, c, ep);
+  else
+    eigen_gemm(eigen(a).transpose(), b, op_b, c, ep);
+}
+// Eigen has no row-pointer operand: the rows are gathered into a temporary.
+template <class T>
+void eigen_gemm(RowPointers<T> a, Op op_a, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, GemmEpilogue<T> ep) {
+  Tensor<T> x({a.count, a.cols});
+  for (index_t r = 0; r < a.count; ++r) std::copy_n(a.rows[r], a.cols, x.data() + r * a.cols);
+  eigen_gemm(std::as_const(x).matrix(), op_a, b, op_b, c, ep);
+}
+
+template <class T>
+index_t stored_rows(ConstMatrixView<T> a) {
+  return a.rows;
+}
+template <class T>
+index_t stored_rows(RowPointers<T> a) {
+  return a.count;
+}
+
+// The body of both gemm overloads: A is a ConstMatrixView or RowPointers (X [stored_rows, cols]).
+template <class T, class A>
+void run(A a, Op op_a, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, GemmEpilogue<T> ep, Tensor<T>* scratch,
+         GemmEngine engine) {
+  const index_t rows = stored_rows(a), m = c.rows, n = c.cols, k = op_a == Op::none ? a.cols : rows;
+  check_shapes(op_a == Op::none ? rows : a.cols, k, op_b == Op::none ? b.rows : b.cols,
+               op_b == Op::none ? b.cols : b.rows, m, n);
+  if (m == 0 || n == 0) return;
+  engine = resolve(engine, gemm_engine_available<T>(GemmEngine::avx512));
+#if defined(SMOE_HAVE_AVX512_GEMM)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+    if (engine == GemmEngine::avx512) return avx512_gemm(a, op_a, k, b, op_b, c, ep, scratch);
+#endif
+  eigen_gemm(a, op_a, b, op_b, c, ep);
+}
 }  // namespace gemm_detail
 
 // c [m, n] = epilogue(op_a(a) · op_b(b)); a is [m, k] (or [k, m] transposed), b [k, n] (or [n, k]).
@@ -126,55 +185,15 @@ void avx512_gemm(avx512::AOperand<T, Layout> a, index_t k, ConstMatrixView<T> b,
 template <class T>
 void gemm(ConstMatrixView<T> a, Op op_a, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, GemmEpilogue<T> ep = {},
           Tensor<T>* scratch = nullptr, GemmEngine engine = GemmEngine::automatic) {
-  const index_t m = c.rows, n = c.cols, k = op_a == Op::none ? a.cols : a.rows;
-  gemm_detail::check_shapes(op_a == Op::none ? a.rows : a.cols, k, op_b == Op::none ? b.rows : b.cols,
-                            op_b == Op::none ? b.cols : b.rows, m, n);
-  if (m == 0 || n == 0) return;
-  engine = gemm_detail::resolve(engine, gemm_engine_available<T>(GemmEngine::avx512));
-#if defined(SMOE_HAVE_AVX512_GEMM)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    using avx512::ALayout;
-    if (engine == GemmEngine::avx512) {
-      if (op_a == Op::none)
-        gemm_detail::avx512_gemm(avx512::AOperand<T, ALayout::strided>{a.data, a.stride}, k, b, op_b, c, ep, scratch);
-      else
-        gemm_detail::avx512_gemm(avx512::AOperand<T, ALayout::strided_t>{a.data, a.stride}, k, b, op_b, c, ep,
-                                 scratch);
-      return;
-    }
-  }
-#endif
-  if (op_a == Op::none)
-    gemm_detail::eigen_gemm(eigen(a), b, op_b, c, ep);
-  else
-    gemm_detail::eigen_gemm(eigen(a).transpose(), b, op_b, c, ep);
+  gemm_detail::run(a, op_a, b, op_b, c, ep, scratch, engine);
 }
 
-// The same with A given by row pointers. The eigen engine gathers the rows into a temporary.
+// The same with A given by row pointers (read in place by the avx512 engine; the eigen engine
+// gathers them into a temporary).
 template <class T>
 void gemm(RowPointers<T> a, Op op_a, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, GemmEpilogue<T> ep = {},
           Tensor<T>* scratch = nullptr, GemmEngine engine = GemmEngine::automatic) {
-  const index_t m = c.rows, n = c.cols, k = op_a == Op::none ? a.cols : a.count;
-  gemm_detail::check_shapes(op_a == Op::none ? a.count : a.cols, k, op_b == Op::none ? b.rows : b.cols,
-                            op_b == Op::none ? b.cols : b.rows, m, n);
-  if (m == 0 || n == 0) return;
-  engine = gemm_detail::resolve(engine, gemm_engine_available<T>(GemmEngine::avx512));
-#if defined(SMOE_HAVE_AVX512_GEMM)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    using avx512::ALayout;
-    if (engine == GemmEngine::avx512) {
-      if (op_a == Op::none)
-        gemm_detail::avx512_gemm(avx512::AOperand<T, ALayout::rows>{nullptr, 0, a.rows, 0}, k, b, op_b, c, ep, scratch);
-      else
-        gemm_detail::avx512_gemm(avx512::AOperand<T, ALayout::rows_t>{nullptr, 0, a.rows, 0}, k, b, op_b, c, ep,
-                                 scratch);
-      return;
-    }
-  }
-#endif
-  Tensor<T> x({a.count, a.cols});
-  for (index_t r = 0; r < a.count; ++r) std::copy_n(a.rows[r], a.cols, x.data() + r * a.cols);
-  gemm(std::as_const(x).matrix(), op_a, b, op_b, c, ep, scratch, GemmEngine::eigen);
+  gemm_detail::run(a, op_a, b, op_b, c, ep, scratch, engine);
 }
 
 }  // namespace smoe::cpu_kernels
