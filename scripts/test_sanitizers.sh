@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # -O0: instrumented -O1 compiles 2.2x slower here, and the build, not the tests, is what takes the
-# time (the instrumented tests run in about two minutes at -O0).
+# time (the instrumented tests run in about 1.5 minutes at -O0).
 # -Wno-maybe-uninitialized: GCC 12 false positive in <regex> (pulled in by Catch2) under sanitizers.
 flags="-O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all -Wno-maybe-uninitialized"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="$flags" \

@@ -16,6 +16,7 @@
 // through the threshold entry (H_j = s_j + ε_j σ_j), and σ through the denominator and ε_j σ_j.
 // The selection and which entry is the threshold are piecewise constant (no gradient).
 // W and W_noise start at zero (as in the paper): the Parameter default; initialise as you wish.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string_view>
@@ -102,6 +103,9 @@ class NoisyTopK {
     eps_.resize({tokens, E});
     order_.resize({tokens, K1});
     z_.resize({tokens, load_on() ? E : 0});
+    // Σ_x P(x, i) per token block (the blocks depend on T only), summed in block order afterwards.
+    block_load_.resize({load_on() ? std::max<index_t>(1, tokens / token_block) : 0, E});
+    block_load_.zero();
     train_ = mode == Mode::train;
     tokens_ = tokens;
     const std::uint64_t step = step_;
@@ -120,9 +124,10 @@ class NoisyTopK {
         T* dsp = dsoftplus_.data() + t * E;
         T* eps = eps_.data() + t * E;
         for (index_t e = 0; e < E; ++e) {
-          const T u = sig[e];
-          sig[e] = softplus(u);
-          dsp[e] = sigmoid(u);
+          // softplus(u) and its derivative sigmoid(u) from one exp, both stable for any u.
+          const T u = sig[e], exp_neg_abs = std::exp(-std::abs(u));
+          sig[e] = std::max(u, T(0)) + std::log1p(exp_neg_abs);
+          dsp[e] = (u >= T(0) ? T(1) : exp_neg_abs) / (T(1) + exp_neg_abs);
           eps[e] = train_ ? T(standard_normal(config_.seed, std::uint64_t(t * E + e), step)) : T(0);
           H[e] = s[e] + eps[e] * sig[e];
         }
@@ -133,18 +138,23 @@ class NoisyTopK {
         gate_.forward(static_cast<const T*>(H), E, ids, K, out.gates.data() + t * K);
         if (load_on()) {
           T* z = z_.data() + t * E;
+          T* load = block_load_.data() + (first / token_block) * E;
           if (K1 == K) {  // K = E: no k-th largest without i, P = Φ(+∞) = 1
             std::fill_n(z, E, T(INFINITY));
+            for (index_t i = 0; i < E; ++i) load[i] += T(1);
             continue;
           }
           std::fill(selected.begin(), selected.end(), std::uint8_t{0});
           for (index_t j = 0; j < K; ++j) selected[order[j]] = 1;
-          for (index_t i = 0; i < E; ++i) z[i] = (s[i] - H[threshold(order, selected.data(), i)]) / sig[i];
+          for (index_t i = 0; i < E; ++i) {
+            z[i] = (s[i] - H[threshold(order, selected.data(), i)]) / sig[i];
+            load[i] += normal_cdf(z[i]);
+          }
         }
       }
     });
     load_loss_ = 0;
-    if (load_on()) compute_load_loss(tokens);
+    if (load_on()) compute_load_loss();
     if (mode == Mode::train) ++step_;
   }
 
@@ -224,20 +234,14 @@ class NoisyTopK {
     return selected[i] ? order[config_.k] : order[config_.k - 1];
   }
 
-  static T softplus(T u) { return u > T(0) ? u + std::log1p(std::exp(-u)) : std::log1p(std::exp(u)); }
-  static T sigmoid(T u) {
-    if (u >= T(0)) return T(1) / (T(1) + std::exp(-u));
-    const T e = std::exp(u);
-    return e / (T(1) + e);
-  }
   static T normal_cdf(T z) { return T(0.5) * std::erfc(-z * T(0.70710678118654752440)); }
   static T normal_pdf(T z) { return T(0.39894228040143267794) * std::exp(T(-0.5) * z * z); }
 
-  void compute_load_loss(index_t tokens) {
+  void compute_load_loss() {
     const index_t E = experts();
     load_.assign(static_cast<std::size_t>(E), T(0));
-    for (index_t t = 0; t < tokens; ++t)  // token order: the sum does not depend on the thread count
-      for (index_t e = 0; e < E; ++e) load_[e] += normal_cdf(z_[t * E + e]);
+    for (index_t b = 0; b < block_load_.dim(0); ++b)  // block order: independent of the thread count
+      for (index_t e = 0; e < E; ++e) load_[e] += block_load_.data()[b * E + e];
     mean_ = 0;
     for (T v : load_) mean_ += v / T(E);
     var_ = 0;
@@ -253,6 +257,7 @@ class NoisyTopK {
   // Cache of the last forward, [T, E] unless noted.
   Tensor<T> noisy_, sigma_, dsoftplus_, eps_, z_;  // H, σ, softplus'(u), ε, (s_i − threshold)/σ_i
   Tensor<std::int32_t> order_;                     // [T, K+1] best first (K when K = E)
+  Tensor<T> block_load_;                           // [T / token_block, E] Σ P(x, i) per block
   Tensor<T> du_;                                   // backward scratch: ∂/∂(x W_noiseᵀ)
   std::vector<T> load_;
   T mean_ = 0, var_ = 0, load_loss_ = 0;
