@@ -192,19 +192,13 @@ Spec parse_spec(const json& j) {
     if (optional_bool(j, "bias"))
       fail("SPEC: \"bias\": true does not apply to ", router, " (its value experts have no biases)");
   } else {
-    constexpr std::pair<std::string_view, ActivationKind> activations[] = {
-        {"relu", ActivationKind::relu}, {"gelu", ActivationKind::gelu}, {"swiglu", ActivationKind::swiglu}};
     s.expert_size = positive_int(j, "expert_size");
-    s.activation = choice<ActivationKind>(j, "activation", activations);
+    s.activation = parse_activation(j);
     s.bias = optional_bool(j, "bias");
   }
 
-  constexpr std::pair<std::string_view, ScalarKind> dtypes[] = {{"float32", ScalarKind::float32},
-                                                                {"float64", ScalarKind::float64}};
-  s.dtype = choice<ScalarKind>(j, "dtype", dtypes, "float32");
-  constexpr std::pair<std::string_view, smoe::Mode> modes[] = {{"eval", smoe::Mode::eval},
-                                                               {"train", smoe::Mode::train}};
-  s.mode = choice<smoe::Mode>(j, "mode", modes, "eval");
+  s.dtype = parse_dtype(j);
+  s.mode = parse_mode(j);
 
   const Coefficients coef = parse_coefficients(j, r != RouterKind::hash && r != RouterKind::pkm, router);
   s.coef_switch = coef.switch_balance;
@@ -333,27 +327,15 @@ smoe::io::SafetensorsWriter evaluate(Layer& layer, const Spec& spec, const smoe:
   constexpr bool hash = std::is_same_v<R, smoe::HashRouter<T>>;
   constexpr bool expert_choice = std::is_same_v<R, smoe::ExpertChoiceRouter<T>>;
   const index_t d = layer.d_model(), E = layer.n_experts();
-  std::set<std::string> expected = {"x", "dy"};
-  if constexpr (group_topk) expected.insert("router.bias");
-  if constexpr (hash) expected.insert("ids");
-  layer.for_each_parameter([&](std::string_view name, smoe::Parameter<T>& p) {
-    p.value = load<T>(in, std::string(name), p.value.shape());
-    expected.insert(std::string(name));
-  });
-  for (const auto& name : in.names())
-    if (!expected.contains(name)) {
-      std::string list;
-      for (const auto& n : expected) list += (list.empty() ? "" : ", ") + n;
-      fail(in.source(), ": unexpected tensor '", name, "' (this SPEC reads ", list, ")");
-    }
+  std::set<std::string> data = {"x", "dy"};
+  if constexpr (group_topk) data.insert("router.bias");
+  if constexpr (hash) data.insert("ids");
+  load_parameters<T>(in, layer, std::move(data));
   if constexpr (group_topk)
     if (in.contains("router.bias")) layer.router().bias().values = load<T>(in, "router.bias", {E});
 
-  if (!in.contains("x")) fail(in.source(), ": missing tensor 'x' ([T, ", d, "])");
-  const auto& x_shape = in.info("x").shape;
-  if (x_shape.size() != 2 || x_shape[1] != d)
-    fail(in.source(), ": tensor 'x' shape must be [T, ", d, "] (any T >= 0), got ", format_shape(x_shape));
-  const auto x = load<T>(in, "x", x_shape);
+  const auto x = load_x<T>(in, d);
+  const std::vector<index_t> x_shape = x.shape();
   const index_t tokens = x_shape[0];
   if constexpr (hash) {
     if (!in.contains("ids"))

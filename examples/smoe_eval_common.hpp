@@ -3,6 +3,7 @@
 // mode, and examples/smoe_eval_stack*.cpp, the multi-layer mode): SPEC parsing with one-line errors
 // that name the key, and checked reads of IN tensors.
 #include <smoe/core/error.hpp>
+#include <smoe/core/parameter.hpp>
 #include <smoe/core/tensor.hpp>
 #include <smoe/io/safetensors.hpp>
 
@@ -149,6 +150,49 @@ smoe::Tensor<T> load(const smoe::io::SafetensorsFile& in, const std::string& nam
   auto t = in.read<T>(name);
   if constexpr (std::is_floating_point_v<T>) check_finite(in, name, t);
   return t;
+}
+
+// The input x [T, d], any T >= 0.
+template <class T>
+smoe::Tensor<T> load_x(const smoe::io::SafetensorsFile& in, index_t d) {
+  if (!in.contains("x")) fail(in.source(), ": missing tensor 'x' ([T, ", d, "])");
+  const auto& shape = in.info("x").shape;
+  if (shape.size() != 2 || shape[1] != d)
+    fail(in.source(), ": tensor 'x' shape must be [T, ", d, "] (any T >= 0), got ", format_shape(shape));
+  return load<T>(in, "x", shape);
+}
+
+// Loads every parameter of `module` (its for_each_parameter names) from IN, then fails on any
+// tensor of IN that is neither a parameter nor one of `data` (the other tensors the SPEC reads).
+template <class T, class Module>
+void load_parameters(const smoe::io::SafetensorsFile& in, Module& module, std::set<std::string> data) {
+  module.for_each_parameter([&](std::string_view name, smoe::Parameter<T>& p) {
+    p.value = load<T>(in, std::string(name), p.value.shape());
+    data.insert(std::string(name));
+  });
+  for (const auto& name : in.names())
+    if (!data.contains(name)) {
+      std::string list;
+      for (const auto& n : data) list += (list.empty() ? "" : ", ") + n;
+      fail(in.source(), ": unexpected tensor '", name, "' (this SPEC reads ", list, ")");
+    }
+}
+
+// The SPEC keys both modes share: "activation", "dtype" (default float32), "mode" (default eval).
+inline ActivationKind parse_activation(const json& j) {
+  constexpr std::pair<std::string_view, ActivationKind> activations[] = {
+      {"relu", ActivationKind::relu}, {"gelu", ActivationKind::gelu}, {"swiglu", ActivationKind::swiglu}};
+  return choice<ActivationKind>(j, "activation", activations);
+}
+inline ScalarKind parse_dtype(const json& j) {
+  constexpr std::pair<std::string_view, ScalarKind> dtypes[] = {{"float32", ScalarKind::float32},
+                                                                {"float64", ScalarKind::float64}};
+  return choice<ScalarKind>(j, "dtype", dtypes, "float32");
+}
+inline smoe::Mode parse_mode(const json& j) {
+  constexpr std::pair<std::string_view, smoe::Mode> modes[] = {{"eval", smoe::Mode::eval},
+                                                               {"train", smoe::Mode::train}};
+  return choice<smoe::Mode>(j, "mode", modes, "eval");
 }
 
 // The "coef" object: the coefficients of the switch, z, entropy and importance losses (each 0 when

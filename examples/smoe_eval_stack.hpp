@@ -121,16 +121,10 @@ inline StackSpec parse_stack_spec(const json& j) {
   s.renormalize = optional_bool(j, "renormalize");
   if (s.renormalize && s.sigmoid)
     fail("SPEC: \"renormalize\": true needs router \"softmax_topk\", got router \"sigmoid_topk\"");
-  constexpr std::pair<std::string_view, ActivationKind> activations[] = {
-      {"relu", ActivationKind::relu}, {"gelu", ActivationKind::gelu}, {"swiglu", ActivationKind::swiglu}};
-  s.activation = choice<ActivationKind>(j, "activation", activations);
+  s.activation = parse_activation(j);
   s.bias = optional_bool(j, "bias");
-  constexpr std::pair<std::string_view, ScalarKind> dtypes[] = {{"float32", ScalarKind::float32},
-                                                                {"float64", ScalarKind::float64}};
-  s.dtype = choice<ScalarKind>(j, "dtype", dtypes, "float32");
-  constexpr std::pair<std::string_view, smoe::Mode> modes[] = {{"eval", smoe::Mode::eval},
-                                                               {"train", smoe::Mode::train}};
-  s.mode = choice<smoe::Mode>(j, "mode", modes, "eval");
+  s.dtype = parse_dtype(j);
+  s.mode = parse_mode(j);
   s.coef = parse_coefficients(j, true, "router \"" + router + "\"");
   s.capacity_factor = optional_number(j, "capacity_factor", 0.0);
   if (s.capacity_factor < 0.0) fail("SPEC: \"capacity_factor\" must be >= 0 (0 = dropless), got ", s.capacity_factor);

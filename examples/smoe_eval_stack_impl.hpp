@@ -213,22 +213,9 @@ template <class Stack>
 smoe::io::SafetensorsWriter evaluate(Stack& stack, const StackSpec& s, const smoe::io::SafetensorsFile& in) {
   using T = typename Stack::scalar_type;
   const index_t d = s.d_model, E = s.n_experts;
-  std::set<std::string> expected = {"x", "dy"};
-  stack.for_each_parameter([&](std::string_view name, Parameter<T>& p) {
-    p.value = load<T>(in, std::string(name), p.value.shape());
-    expected.insert(std::string(name));
-  });
-  for (const auto& name : in.names())
-    if (!expected.contains(name)) {
-      std::string list;
-      for (const auto& n : expected) list += (list.empty() ? "" : ", ") + n;
-      fail(in.source(), ": unexpected tensor '", name, "' (this SPEC reads ", list, ")");
-    }
-  if (!in.contains("x")) fail(in.source(), ": missing tensor 'x' ([T, ", d, "])");
-  const auto& x_shape = in.info("x").shape;
-  if (x_shape.size() != 2 || x_shape[1] != d)
-    fail(in.source(), ": tensor 'x' shape must be [T, ", d, "] (any T >= 0), got ", format_shape(x_shape));
-  const auto x = load<T>(in, "x", x_shape);
+  load_parameters<T>(in, stack, {"x", "dy"});
+  const auto x = load_x<T>(in, d);
+  const std::vector<index_t> x_shape = x.shape();
   const index_t tokens = x_shape[0];
   Tensor<T> dy;
   if (in.contains("dy")) dy = load<T>(in, "dy", x_shape);  // checked before anything runs

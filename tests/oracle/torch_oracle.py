@@ -245,6 +245,35 @@ def run_eval(smoe_eval, workdir, name, spec, inputs, spec_text=None):
     return proc, out_path
 
 
+def with_tensors(t, **changes):
+    """A copy of the tensors t with some replaced (None removes one); "__" in a name stands for "."."""
+    t = {**t}
+    for k, v in changes.items():
+        k = k.replace("__", ".")
+        if v is None:
+            del t[k]
+        else:
+            t[k] = v
+    return t
+
+
+def check_error_case(name, proc, out_path, needles, failures):
+    """An error case passes when smoe_eval exits 1 without writing OUT and its message names every needle."""
+    message = proc.stderr.strip()
+    problem = None
+    if os.path.exists(out_path):
+        problem = "OUT was written despite the error"
+    elif proc.returncode != 1:
+        problem = f"exit {proc.returncode} (expected 1)"
+    else:
+        missing = [n for n in needles if n not in message]
+        if missing:
+            problem = f"message lacks {missing}"
+    if problem:
+        failures.append(f"error case {name}: {problem}; stderr: {message}")
+    print(f"  {'BAD' if problem else 'ok '} {name:34s} {message}")
+
+
 def coverage_failures(case, inputs, want):
     """A case that claims to exercise capacity drops or a train-only routing must do so, or it
     could not fail where that path is wrong."""
@@ -545,15 +574,8 @@ def check_errors(smoe_eval, workdir):
         return {k: v for k, v in spec.items() if v is not None}, inputs_of[router]
 
     def tensors(router, **changes):
-        """(spec, inputs) of `router` with tensors replaced (None removes one); "__" stands for "."."""
-        t = {**inputs_of[router]}
-        for k, v in changes.items():
-            k = k.replace("__", ".")
-            if v is None:
-                del t[k]
-            else:
-                t[k] = v
-        return spec_of[router], t
+        """(spec, inputs) of `router` with tensors replaced as with_tensors does."""
+        return spec_of[router], with_tensors(inputs_of[router], **changes)
 
     ids = inputs_of["hash"]["ids"]
     bad = [
@@ -647,30 +669,14 @@ def check_errors(smoe_eval, workdir):
         ("pkm_ffn_weight", *tensors("pkm", experts__w1=np.zeros((9, 4, 2))), ["unexpected tensor 'experts.w1'"]),
     ]
     failures = []
-
-    def report(name, proc, needles):
-        message = proc.stderr.strip()
-        problem = None
-        if proc.returncode != 1:
-            problem = f"exit {proc.returncode} (expected 1)"
-        else:
-            missing = [n for n in needles if n not in message]
-            if missing:
-                problem = f"message lacks {missing}"
-        if problem:
-            failures.append(f"error case {name}: {problem}; stderr: {message}")
-        print(f"  {'BAD' if problem else 'ok '} {name:28s} {message}")
-
     for name, spec, inputs, needles in bad:
         proc, out_path = run_eval(smoe_eval, workdir, "error_" + name, spec, inputs)
-        if os.path.exists(out_path):
-            failures.append(f"error case {name}: OUT was written despite the error")
-        report(name, proc, needles)
-    proc, _ = run_eval(smoe_eval, workdir, "error_bad_json", None, good, spec_text='{"d_model": 4,')
-    report("bad_json", proc, ["not valid JSON"])
-    proc, _ = run_eval(smoe_eval, workdir, "error_duplicate_key", None, good,
-                       spec_text=json.dumps(base)[:-1] + ', "k": 1}')
-    report("duplicate_key", proc, ['"k"', "more than once"])
+        check_error_case(name, proc, out_path, needles, failures)
+    proc, out_path = run_eval(smoe_eval, workdir, "error_bad_json", None, good, spec_text='{"d_model": 4,')
+    check_error_case("bad_json", proc, out_path, ["not valid JSON"], failures)
+    proc, out_path = run_eval(smoe_eval, workdir, "error_duplicate_key", None, good,
+                              spec_text=json.dumps(base)[:-1] + ', "k": 1}')
+    check_error_case("duplicate_key", proc, out_path, ['"k"', "more than once"], failures)
     return failures
 
 
@@ -929,17 +935,6 @@ def check_stack_errors(smoe_eval, workdir):
               "dtype": "float64"}
     single_in = make_inputs(single, 5, 99)
 
-    def changed(t, **changes):
-        """t with tensors replaced (None removes one); "__" stands for "."."""
-        t = {**t}
-        for k, v in changes.items():
-            k = k.replace("__", ".")
-            if v is None:
-                del t[k]
-            else:
-                t[k] = v
-        return t
-
     def without_key(spec, key):
         return {k: v for k, v in spec.items() if k != key}
 
@@ -980,53 +975,41 @@ def check_stack_errors(smoe_eval, workdir):
         ("pool_without_layers", {**single, "pool": "tied"}, single_in, ["\"pool\"", "needs the multi-layer mode"]),
         ("shared_without_layers", {**single, "shared_experts": 1}, single_in,
          ["\"shared_experts\"", "needs the multi-layer mode", "layers"]),
-        ("stack_missing_router_layer1", base, changed(good, layers__1__router__weight=None),
+        ("stack_missing_router_layer1", base, with_tensors(good, layers__1__router__weight=None),
          ["layers.1.router.weight", "missing"]),
-        ("stack_missing_combine", base, changed(good, layers__0__combine=None), ["layers.0.combine", "missing"]),
-        ("stack_missing_shared", base, changed(good, layers__1__shared__w2=None), ["layers.1.shared.w2", "missing"]),
+        ("stack_missing_combine", base, with_tensors(good, layers__0__combine=None), ["layers.0.combine", "missing"]),
+        ("stack_missing_shared", base, with_tensors(good, layers__1__shared__w2=None), ["layers.1.shared.w2", "missing"]),
         ("stack_missing_mix_bias", {**base, "residual_mix_bias": True}, good, ["layers.0.residual.mix_bias", "missing"]),
         ("stack_missing_bias", {**base, "bias": True}, good, ["pool.b1", "missing"]),
-        ("stack_pool_shape", base, changed(good, pool__w1=np.zeros((1, 3, 4, 2))),
+        ("stack_pool_shape", base, with_tensors(good, pool__w1=np.zeros((1, 3, 4, 2))),
          ["pool.w1", "[2, 3, 4, 2]", "[1, 3, 4, 2]"]),
-        ("stack_combine_shape", base, changed(good, layers__0__combine=np.zeros(3)), ["layers.0.combine", "[2]", "[3]"]),
-        ("stack_mix_shape", base, changed(good, layers__1__residual__mix=np.zeros((4, 2))),
+        ("stack_combine_shape", base, with_tensors(good, layers__0__combine=np.zeros(3)), ["layers.0.combine", "[2]", "[3]"]),
+        ("stack_mix_shape", base, with_tensors(good, layers__1__residual__mix=np.zeros((4, 2))),
          ["layers.1.residual.mix", "[2, 4]", "[4, 2]"]),
-        ("stack_shared_shape", base, changed(good, layers__0__shared__w1=np.zeros((2, 4, 2))),
+        ("stack_shared_shape", base, with_tensors(good, layers__0__shared__w1=np.zeros((2, 4, 2))),
          ["layers.0.shared.w1", "[1, 4, 2]", "[2, 4, 2]"]),
-        ("stack_unexpected_layer", base, changed(good, layers__2__router__weight=np.zeros((3, 4))),
+        ("stack_unexpected_layer", base, with_tensors(good, layers__2__router__weight=np.zeros((3, 4))),
          ["unexpected tensor 'layers.2.router.weight'"]),
-        ("stack_single_layer_name", base, changed(good, router__weight=np.zeros((3, 4))),
+        ("stack_single_layer_name", base, with_tensors(good, router__weight=np.zeros((3, 4))),
          ["unexpected tensor 'router.weight'"]),
-        ("stack_tied_name_for_samoe", base, changed(good, experts__w1=np.zeros((3, 4, 2))),
+        ("stack_tied_name_for_samoe", base, with_tensors(good, experts__w1=np.zeros((3, 4, 2))),
          ["unexpected tensor 'experts.w1'"]),
-        ("stack_layer_experts_for_tied", tied, changed(tied_in, layers__0__experts__w1=np.zeros((3, 4, 2))),
+        ("stack_layer_experts_for_tied", tied, with_tensors(tied_in, layers__0__experts__w1=np.zeros((3, 4, 2))),
          ["unexpected tensor 'layers.0.experts.w1'"]),
-        ("stack_residual_without_key", plain, changed(plain_in, layers__0__residual__mix=np.zeros((2, 4))),
+        ("stack_residual_without_key", plain, with_tensors(plain_in, layers__0__residual__mix=np.zeros((2, 4))),
          ["unexpected tensor 'layers.0.residual.mix'"]),
-        ("stack_combine_for_per_layer", plain, changed(plain_in, layers__0__combine=np.zeros(2)),
+        ("stack_combine_for_per_layer", plain, with_tensors(plain_in, layers__0__combine=np.zeros(2)),
          ["unexpected tensor 'layers.0.combine'"]),
-        ("stack_wrong_dtype", base, changed(good, pool__w2=good["pool.w2"].astype(np.float32)),
+        ("stack_wrong_dtype", base, with_tensors(good, pool__w2=good["pool.w2"].astype(np.float32)),
          ["pool.w2", "F64", "F32"]),
-        ("stack_wrong_x_width", base, changed(good, x=np.zeros((5, 3))), ["'x'", "[5, 3]"]),
-        ("stack_wrong_dy_shape", base, changed(good, dy=np.zeros((4, 4))), ["'dy'", "[4, 4]"]),
-        ("stack_non_finite", base, changed(good, pool__w1=nan_pool), ["pool.w1", "not finite"]),
+        ("stack_wrong_x_width", base, with_tensors(good, x=np.zeros((5, 3))), ["'x'", "[5, 3]"]),
+        ("stack_wrong_dy_shape", base, with_tensors(good, dy=np.zeros((4, 4))), ["'dy'", "[4, 4]"]),
+        ("stack_non_finite", base, with_tensors(good, pool__w1=nan_pool), ["pool.w1", "not finite"]),
     ]
     failures = []
     for name, spec, t, needles in bad:
         proc, out_path = run_eval(smoe_eval, workdir, "error_" + name, spec, t)
-        message = proc.stderr.strip()
-        problem = None
-        if os.path.exists(out_path):
-            problem = "OUT was written despite the error"
-        elif proc.returncode != 1:
-            problem = f"exit {proc.returncode} (expected 1)"
-        else:
-            missing = [n for n in needles if n not in message]
-            if missing:
-                problem = f"message lacks {missing}"
-        if problem:
-            failures.append(f"error case {name}: {problem}; stderr: {message}")
-        print(f"  {'BAD' if problem else 'ok '} {name:34s} {message}")
+        check_error_case(name, proc, out_path, needles, failures)
     return failures
 
 
