@@ -3,6 +3,7 @@
 // Run per token (a gather, not a scatter-add), so it is race-free and deterministic.
 //   backward: dys[s] = gate[s] · dy[token(s)],  d_gates[t, k] = <dy[t], ys[slot(t, k)]>.
 #include <concepts>
+#include <type_traits>
 
 #include "smoe/core/dispatch.hpp"
 #include "smoe/cpu/dot.hpp"
@@ -11,15 +12,20 @@
 namespace smoe {
 
 template <class C>
-concept Combiner = requires(C& c, const Dispatch<typename C::scalar_type>& dispatch,
-                            ConstMatrixView<typename C::scalar_type> in, MatrixView<typename C::scalar_type> out) {
+concept Combiner = requires(C& c, const Dispatch<gate_type_of_t<C>, backend_of_t<C>>& dispatch,
+                            ConstMatrixView<typename C::scalar_type, backend_of_t<C>> in,
+                            MatrixView<typename C::scalar_type, backend_of_t<C>> out,
+                            MatrixView<gate_type_of_t<C>, backend_of_t<C>> d_gates) {
   c.forward(dispatch, in, out);
-  c.backward(dispatch, in, in, out, out);
+  c.backward(dispatch, in, in, out, d_gates);
 };
 
-template <class T>
+// WeightedSum<T, cuda> is the CUDA backend's (smoe/cuda/weighted_sum.cuh).
+template <class T, class Backend = cpu>
 struct WeightedSum {
+  static_assert(std::is_same_v<Backend, cpu>, "WeightedSum<T, cuda> needs <smoe/cuda/weighted_sum.cuh>");
   using scalar_type = T;
+  using backend = cpu;
   static constexpr const char* name = "WeightedSum";
 
   void forward(const Dispatch<T>& dispatch, ConstMatrixView<T> ys, MatrixView<T> y) const {

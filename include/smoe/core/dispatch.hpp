@@ -8,18 +8,22 @@
 //   token_slot [T*K] slot of assignment (t, k), -1 where the router left it empty (or dropped it)
 //
 // Built by a stable counting sort: within an expert, slots follow (token, k) order, so the
-// layout is deterministic and independent of thread schedules.
+// layout is deterministic and independent of thread schedules. Dispatch<T, cuda>, the same
+// layout in device memory, is built by the CUDA backend (smoe/cuda/dispatch.cuh).
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/view.hpp"
 
 namespace smoe {
 
-template <class T>
+template <class T, class Space = cpu>
 struct Dispatch {
+  static_assert(std::is_same_v<Space, cpu>, "Dispatch<T, cuda> needs <smoe/cuda/dispatch.cuh>");
+  using space = cpu;
   index_t tokens = 0;
   index_t k = 0;
   index_t experts = 0;

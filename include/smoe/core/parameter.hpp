@@ -12,10 +12,11 @@
 
 namespace smoe {
 
-template <class T>
+// Space = cuda keeps both on the device (the CUDA backend's components).
+template <class T, class Space = cpu>
 struct Parameter {
-  Tensor<T> value;
-  Tensor<T> grad;  // same shape as value; backward accumulates into it
+  Tensor<T, Space> value;
+  Tensor<T, Space> grad;  // same shape as value; backward accumulates into it
 
   Parameter() = default;
   explicit Parameter(std::vector<index_t> shape) : value(shape), grad(shape) {

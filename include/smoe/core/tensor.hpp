@@ -1,6 +1,7 @@
 #pragma once
 // Tensor<T>: an owning, 64-byte aligned host tensor with a row-major shape. Resizing keeps the
 // allocation when it is large enough, so per-step caches do not reallocate in steady state.
+// Tensor<T, cuda>, the device tensor, is defined by the CUDA backend (smoe/cuda/device_tensor.cuh).
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
@@ -8,15 +9,19 @@
 #include <memory>
 #include <new>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/view.hpp"
 
 namespace smoe {
 
-template <class T>
+template <class T, class Space = cpu>
 class Tensor {
+  static_assert(std::is_same_v<Space, cpu>, "Tensor<T, cuda> needs <smoe/cuda/device_tensor.cuh>");
+
  public:
+  using space = cpu;
   static constexpr std::size_t alignment = 64;
 
   Tensor() = default;

@@ -1,6 +1,8 @@
 #pragma once
 // MatrixView: a non-owning, row-major [rows, cols] window over user memory with an explicit row
 // stride (in elements). It never copies or allocates; users pass their own buffers through it.
+// `Space` is where the memory lives (cpu: host, cuda: device); host code takes MatrixView<T>, so a
+// device view never reaches it by mistake.
 #include <cassert>
 #include <span>
 #include <type_traits>
@@ -10,8 +12,9 @@
 
 namespace smoe {
 
-template <class T>
+template <class T, class Space = cpu>
 struct MatrixView {
+  using space = Space;
   T* data = nullptr;
   index_t rows = 0;
   index_t cols = 0;
@@ -26,7 +29,7 @@ struct MatrixView {
   // A view of T converts to a view of const T.
   template <class U>
     requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
-  constexpr MatrixView(const MatrixView<U>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
+  constexpr MatrixView(const MatrixView<U, Space>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
 
   SMOE_HOST_DEVICE T& operator()(index_t r, index_t c) const {
     assert(r >= 0 && r < rows && c >= 0 && c < cols);
@@ -46,12 +49,12 @@ struct MatrixView {
   bool empty() const { return rows == 0 || cols == 0; }
 };
 
-template <class T>
-using ConstMatrixView = MatrixView<const T>;
+template <class T, class Space = cpu>
+using ConstMatrixView = MatrixView<const T, Space>;
 
 // Shape checks at API boundaries: "<context>: <name> must be [r, c], got [R, C]".
-template <class T>
-void expect_shape(const char* context, const char* name, const MatrixView<T>& v, index_t rows, index_t cols) {
+template <class T, class Space>
+void expect_shape(const char* context, const char* name, const MatrixView<T, Space>& v, index_t rows, index_t cols) {
   if (v.rows != rows || v.cols != cols)
     fail(context, ": ", name, " must be [", rows, ", ", cols, "], got [", v.rows, ", ", v.cols, "]");
 }

@@ -164,7 +164,7 @@ index_t stored_rows(RowPointers<T> a) {
 
 // The body of both gemm overloads: A is a ConstMatrixView or RowPointers (X [stored_rows, cols]).
 template <class T, class A>
-void run(A a, Op op_a, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, GemmEpilogue<T> ep, Tensor<T>* scratch,
+void run(A a, Op op_a, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, GemmEpilogue<T> ep, [[maybe_unused]] Tensor<T>* scratch,
          GemmEngine engine) {
   const index_t rows = stored_rows(a), m = c.rows, n = c.cols, k = op_a == Op::none ? a.cols : rows;
   check_shapes(op_a == Op::none ? rows : a.cols, k, op_b == Op::none ? b.rows : b.cols,

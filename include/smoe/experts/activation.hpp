@@ -2,6 +2,8 @@
 // Expert activations as policies over one row of pre-activations. `fan` is how many hidden
 // pre-activations feed one hidden unit: 1 for elementwise activations, 2 for gated ones, whose
 // pre-activation row is [gate half | up half] (so W1 is [d, fan·G]).
+// Each policy defines one hidden unit i of a row (`unit`, `unit_backward`, callable on the host and
+// the device, so the CUDA backend shares the math) and the row loops the CPU kernels call.
 #include <cmath>
 
 #include "smoe/core/config.hpp"
@@ -12,12 +14,20 @@ struct Relu {
   static constexpr index_t fan = 1;
   static constexpr const char* name = "relu";
   template <class T>
+  SMOE_HOST_DEVICE static T unit(const T* pre, index_t i, index_t) {
+    return pre[i] > T(0) ? pre[i] : T(0);
+  }
+  template <class T>
+  SMOE_HOST_DEVICE static void unit_backward(const T* pre, index_t i, index_t, T dh, T* dpre) {
+    dpre[i] = pre[i] > T(0) ? dh : T(0);
+  }
+  template <class T>
   static void forward(const T* pre, T* h, index_t G) {
-    for (index_t i = 0; i < G; ++i) h[i] = pre[i] > T(0) ? pre[i] : T(0);
+    for (index_t i = 0; i < G; ++i) h[i] = unit(pre, i, G);
   }
   template <class T>
   static void backward(const T* pre, const T* dh, T* dpre, index_t G) {
-    for (index_t i = 0; i < G; ++i) dpre[i] = pre[i] > T(0) ? dh[i] : T(0);
+    for (index_t i = 0; i < G; ++i) unit_backward(pre, i, G, dh[i], dpre);
   }
 };
 
@@ -26,17 +36,24 @@ struct Gelu {
   static constexpr index_t fan = 1;
   static constexpr const char* name = "gelu";
   template <class T>
+  SMOE_HOST_DEVICE static T unit(const T* pre, index_t i, index_t) {
+    using std::erf;
+    return T(0.5) * pre[i] * (T(1) + erf(pre[i] * T(0.70710678118654752440)));
+  }
+  template <class T>
+  SMOE_HOST_DEVICE static void unit_backward(const T* pre, index_t i, index_t, T dh, T* dpre) {
+    using std::erf, std::exp;
+    const T x = pre[i];
+    const T cdf = T(0.5) * (T(1) + erf(x * T(0.70710678118654752440)));
+    dpre[i] = dh * (cdf + x * T(0.3989422804014327) * exp(T(-0.5) * x * x));  // 1/√(2π)
+  }
+  template <class T>
   static void forward(const T* pre, T* h, index_t G) {
-    for (index_t i = 0; i < G; ++i) h[i] = T(0.5) * pre[i] * (T(1) + std::erf(pre[i] * T(0.70710678118654752440)));
+    for (index_t i = 0; i < G; ++i) h[i] = unit(pre, i, G);
   }
   template <class T>
   static void backward(const T* pre, const T* dh, T* dpre, index_t G) {
-    constexpr T inv_sqrt_2pi = T(0.3989422804014327);
-    for (index_t i = 0; i < G; ++i) {
-      const T x = pre[i];
-      const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
-      dpre[i] = dh[i] * (cdf + x * inv_sqrt_2pi * std::exp(T(-0.5) * x * x));
-    }
+    for (index_t i = 0; i < G; ++i) unit_backward(pre, i, G, dh[i], dpre);
   }
 };
 
@@ -45,26 +62,36 @@ struct SwiGlu {
   static constexpr index_t fan = 2;
   static constexpr const char* name = "swiglu";
   template <class T>
+  SMOE_HOST_DEVICE static T unit(const T* pre, index_t i, index_t G) {
+    using std::exp;
+    const T a = pre[i], b = pre[G + i];
+    return a / (T(1) + exp(-a)) * b;
+  }
+  template <class T>
+  SMOE_HOST_DEVICE static void unit_backward(const T* pre, index_t i, index_t G, T dh, T* dpre) {
+    using std::exp;
+    const T a = pre[i], b = pre[G + i];
+    const T sig = T(1) / (T(1) + exp(-a));
+    dpre[i] = dh * b * sig * (T(1) + a * (T(1) - sig));
+    dpre[G + i] = dh * a * sig;
+  }
+  template <class T>
   static void forward(const T* pre, T* h, index_t G) {
-    const T *a = pre, *b = pre + G;
-    for (index_t i = 0; i < G; ++i) h[i] = a[i] / (T(1) + std::exp(-a[i])) * b[i];
+    for (index_t i = 0; i < G; ++i) h[i] = unit(pre, i, G);
   }
   template <class T>
   static void backward(const T* pre, const T* dh, T* dpre, index_t G) {
-    const T *a = pre, *b = pre + G;
-    for (index_t i = 0; i < G; ++i) {
-      const T sig = T(1) / (T(1) + std::exp(-a[i]));
-      dpre[i] = dh[i] * b[i] * sig * (T(1) + a[i] * (T(1) - sig));
-      dpre[G + i] = dh[i] * a[i] * sig;
-    }
+    for (index_t i = 0; i < G; ++i) unit_backward(pre, i, G, dh[i], dpre);
   }
 };
 
 template <class A>
-concept Activation = requires(const float* cp, float* p, index_t n) {
+concept Activation = requires(const float* cp, float* p, float v, index_t n) {
   { A::fan } -> std::convertible_to<index_t>;
   A::forward(cp, p, n);
   A::backward(cp, cp, p, n);
+  { A::unit(cp, n, n) } -> std::convertible_to<float>;
+  A::unit_backward(cp, n, n, v, p);
 };
 
 }  // namespace smoe

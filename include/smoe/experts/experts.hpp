@@ -11,9 +11,13 @@
 
 namespace smoe {
 
+// The dispatch experts read: in their backend's memory, gates of their gate type (core/config.hpp).
 template <class X>
-concept Experts = requires(X& x, const X& cx, ConstMatrixView<typename X::scalar_type> in,
-                           const Dispatch<typename X::scalar_type>& dispatch, MatrixView<typename X::scalar_type> out) {
+using dispatch_of_t = Dispatch<gate_type_of_t<X>, backend_of_t<X>>;
+
+template <class X>
+concept Experts = requires(X& x, const X& cx, ConstMatrixView<typename X::scalar_type, backend_of_t<X>> in,
+                           const dispatch_of_t<X>& dispatch, MatrixView<typename X::scalar_type, backend_of_t<X>> out) {
   { cx.experts() } -> std::convertible_to<index_t>;
   { cx.d_model() } -> std::convertible_to<index_t>;
   x.forward(in, dispatch, out);

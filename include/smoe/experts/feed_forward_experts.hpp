@@ -7,6 +7,7 @@
 // Backward gathers the block again from x, so it must get the x of the forward, unchanged. For
 // ReLU the forward keeps only h (h > 0 exactly where pre > 0); other activations also keep pre.
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/combine/weighted_sum.hpp"
@@ -30,8 +31,11 @@ struct FeedForwardConfig {
   }
 };
 
-template <class T, Activation Act>
+// FeedForwardExperts<T, Act, cuda> is the CUDA backend's (smoe/cuda/feed_forward_experts.cuh).
+template <class T, Activation Act, class Backend = cpu>
 class FeedForwardExperts {
+  static_assert(std::is_same_v<Backend, cpu>, "FeedForwardExperts<T, Act, cuda> needs <smoe/cuda/feed_forward_experts.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
@@ -123,11 +127,11 @@ class FeedForwardExperts {
   Tensor<T> ys_;                           // forward_weighted: the per-slot outputs [A, d]
 };
 
-template <class T>
-using ReluExperts = FeedForwardExperts<T, Relu>;
-template <class T>
-using GeluExperts = FeedForwardExperts<T, Gelu>;
-template <class T>
-using SwiGluExperts = FeedForwardExperts<T, SwiGlu>;
+template <class T, class Backend = cpu>
+using ReluExperts = FeedForwardExperts<T, Relu, Backend>;
+template <class T, class Backend = cpu>
+using GeluExperts = FeedForwardExperts<T, Gelu, Backend>;
+template <class T, class Backend = cpu>
+using SwiGluExperts = FeedForwardExperts<T, SwiGlu, Backend>;
 
 }  // namespace smoe

@@ -37,10 +37,22 @@ struct MoEOutput {
   RoutingStats stats;
 };
 
-template <Router R, Experts X, Combiner C = WeightedSum<typename X::scalar_type>, BalanceLoss... Losses>
-  requires(std::is_same_v<typename R::scalar_type, typename X::scalar_type> &&
-           std::is_same_v<typename C::scalar_type, typename X::scalar_type> &&
-           (std::is_same_v<typename Losses::scalar_type, typename X::scalar_type> && ...))
+// Parts that compose: each satisfies its concept; one backend (memory space) for all, one
+// activation type for router, experts and combiner, one gate type for the routing they share and
+// the losses that read it. (One concept, so that the CUDA specialization can add to it.)
+template <class R, class X, class C, class... Losses>
+concept MoEParts =
+    Router<R> && Experts<X> && Combiner<C> && (BalanceLoss<Losses> && ...) &&
+    std::same_as<backend_of_t<R>, backend_of_t<X>> && std::same_as<backend_of_t<C>, backend_of_t<X>> &&
+    (std::same_as<backend_of_t<Losses>, backend_of_t<X>> && ...) &&
+    std::same_as<typename R::scalar_type, typename X::scalar_type> &&
+    std::same_as<typename C::scalar_type, typename X::scalar_type> &&
+    std::same_as<gate_type_of_t<R>, gate_type_of_t<X>> && std::same_as<gate_type_of_t<C>, gate_type_of_t<X>> &&
+    (std::same_as<typename Losses::scalar_type, gate_type_of_t<X>> && ...);
+
+// The CPU layer; MoE of cuda parts is the CUDA backend's specialization (smoe/cuda/moe.cuh).
+template <class R, class X, class C = WeightedSum<typename X::scalar_type, backend_of_t<X>>, class... Losses>
+  requires MoEParts<R, X, C, Losses...>
 class MoE {
  public:
   using scalar_type = typename X::scalar_type;

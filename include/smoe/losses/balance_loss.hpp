@@ -17,13 +17,23 @@
 
 namespace smoe {
 
+// On the CUDA backend a loss writes its value into device memory instead of returning it, so the
+// layer never waits for the device:  forward(routing, experts, float* value)  (smoe/cuda/).
 template <class L>
-concept BalanceLoss = requires(L& l, const Routing<typename L::scalar_type>& r, index_t experts,
-                               MatrixView<typename L::scalar_type> grad) {
-  { l.coef } -> std::convertible_to<double>;
-  { l.forward(r, experts) } -> std::convertible_to<typename L::scalar_type>;
-  l.backward(r, experts, grad, grad);
-};
+concept BalanceLoss =
+    (std::same_as<backend_of_t<L>, cpu> &&
+     requires(L& l, const Routing<typename L::scalar_type>& r, index_t experts, MatrixView<typename L::scalar_type> grad) {
+       { l.coef } -> std::convertible_to<double>;
+       { l.forward(r, experts) } -> std::convertible_to<typename L::scalar_type>;
+       l.backward(r, experts, grad, grad);
+     }) ||
+    (!std::same_as<backend_of_t<L>, cpu> &&
+     requires(L& l, const Routing<typename L::scalar_type, backend_of_t<L>>& r, index_t experts,
+              MatrixView<typename L::scalar_type, backend_of_t<L>> grad, typename L::scalar_type* value) {
+       { l.coef } -> std::convertible_to<double>;
+       l.forward(r, experts, value);
+       l.backward(r, experts, grad, grad);
+     });
 
 namespace detail {
 // log Σ exp(s[0..n)), stable for large |s|.

@@ -9,8 +9,10 @@
 
 namespace smoe {
 
-template <class T>
+// ImportanceLoss<T, cuda> is the CUDA backend's (smoe/cuda/losses.cuh).
+template <class T, class Backend = cpu>
 struct ImportanceLoss {
+  static_assert(std::is_same_v<Backend, cpu>, "ImportanceLoss<T, cuda> needs <smoe/cuda/losses.cuh>");
   using scalar_type = T;
   static constexpr const char* name = "ImportanceLoss";
   double coef;

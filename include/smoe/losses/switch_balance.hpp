@@ -14,8 +14,10 @@
 
 namespace smoe {
 
-template <class T>
+// SwitchBalanceLoss<T, cuda> is the CUDA backend's (smoe/cuda/losses.cuh).
+template <class T, class Backend = cpu>
 struct SwitchBalanceLoss {
+  static_assert(std::is_same_v<Backend, cpu>, "SwitchBalanceLoss<T, cuda> needs <smoe/cuda/losses.cuh>");
   using scalar_type = T;
   static constexpr const char* name = "SwitchBalanceLoss";
   double coef;

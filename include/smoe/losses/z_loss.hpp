@@ -5,8 +5,10 @@
 
 namespace smoe {
 
-template <class T>
+// RouterZLoss<T, cuda> is the CUDA backend's (smoe/cuda/losses.cuh).
+template <class T, class Backend = cpu>
 struct RouterZLoss {
+  static_assert(std::is_same_v<Backend, cpu>, "RouterZLoss<T, cuda> needs <smoe/cuda/losses.cuh>");
   using scalar_type = T;
   static constexpr const char* name = "RouterZLoss";
   double coef;

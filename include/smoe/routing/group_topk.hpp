@@ -23,6 +23,7 @@
 #include <limits>
 #include <span>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
@@ -59,8 +60,11 @@ struct GroupTopKRouterConfig {
   }
 };
 
-template <class T>
+// GroupTopKRouter<T, cuda> is the CUDA backend's (smoe/cuda/group_topk_router.cuh).
+template <class T, class Backend = cpu>
 class GroupTopKRouter {
+  static_assert(std::is_same_v<Backend, cpu>, "GroupTopKRouter<T, cuda> needs <smoe/cuda/group_topk_router.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
@@ -167,25 +171,33 @@ class GroupTopKRouter {
                               weight_.grad.matrix(), dx);
   }
 
+  // The gate math, shared with the CUDA backend (host and device).
+  SMOE_HOST_DEVICE static T sigmoid(T v) {
+    using std::exp;
+    return T(1) / (T(1) + exp(-v));
+  }
+  // log σ(v) = −softplus(−v), without overflow for large |v|.
+  SMOE_HOST_DEVICE static T log_sigmoid(T v) {
+    using std::exp, std::log1p, std::abs;
+    return -((-v > T(0) ? -v : T(0)) + log1p(exp(-abs(v))));
+  }
+  // gates[j] = scale · σ(s[ids_j]) / Σ_i σ(s[ids_i]), as a softmax of log σ. Ids −1 (never
+  // produced here) get gate 0.
+  SMOE_HOST_DEVICE static void normalized_gates(const T* s, const std::int32_t* ids, index_t K, T* gates, T scale) {
+    using std::exp;
+    T m = -std::numeric_limits<T>::infinity();
+    for (index_t j = 0; j < K; ++j)
+      if (ids[j] >= 0) m = m < log_sigmoid(s[ids[j]]) ? log_sigmoid(s[ids[j]]) : m;
+    T z = 0;
+    for (index_t j = 0; j < K; ++j) z += (gates[j] = ids[j] >= 0 ? exp(log_sigmoid(s[ids[j]]) - m) : T(0));
+    for (index_t j = 0; j < K; ++j) gates[j] = gates[j] / z * scale;
+  }
+
  private:
   static constexpr index_t token_block = 128;
 
-  static T sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
-  // log σ(v) = −softplus(−v), without overflow for large |v|.
-  static T log_sigmoid(T v) { return -(std::max(-v, T(0)) + std::log1p(std::exp(-std::abs(v)))); }
-
-  // gates[j] = scale · σ(s[ids_j]) / Σ_i σ(s[ids_i]), as a softmax of log σ. Ids −1 (never
-  // produced here) get gate 0.
   void normalized_gates(const T* s, const std::int32_t* ids, index_t K, T* gates) const {
     normalized_gates(s, ids, K, gates, T(config_.route_scale));
-  }
-  static void normalized_gates(const T* s, const std::int32_t* ids, index_t K, T* gates, T scale) {
-    T m = -std::numeric_limits<T>::infinity();
-    for (index_t j = 0; j < K; ++j)
-      if (ids[j] >= 0) m = std::max(m, log_sigmoid(s[ids[j]]));
-    T z = 0;
-    for (index_t j = 0; j < K; ++j) z += (gates[j] = ids[j] >= 0 ? std::exp(log_sigmoid(s[ids[j]]) - m) : T(0));
-    for (index_t j = 0; j < K; ++j) gates[j] = gates[j] / z * scale;
   }
 
   GroupTopKRouterConfig config_;

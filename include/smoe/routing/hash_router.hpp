@@ -10,6 +10,7 @@
 // Ids are passed with set_token_ids before forward; the router keeps a copy until replaced.
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/config.hpp"
@@ -30,8 +31,11 @@ struct HashRouterConfig {
   }
 };
 
-template <class T>
+// HashRouter<T, cuda> is the CUDA backend's (smoe/cuda/hash_router.cuh).
+template <class T, class Backend = cpu>
 class HashRouter {
+  static_assert(std::is_same_v<Backend, cpu>, "HashRouter<T, cuda> needs <smoe/cuda/hash_router.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
@@ -54,11 +58,12 @@ class HashRouter {
   }
   std::span<const std::int64_t> token_ids() const { return ids_; }
 
-  // The expert of one token id.
-  std::int32_t expert_of(std::int64_t id) const {
-    return static_cast<std::int32_t>(philox4x32(config_.seed, static_cast<std::uint64_t>(id))[0] %
-                                     static_cast<std::uint64_t>(config_.experts));
+  // The expert of one token id (host and device).
+  SMOE_HOST_DEVICE static std::int32_t expert_of(std::int64_t id, std::uint64_t seed, index_t experts) {
+    return static_cast<std::int32_t>(philox4x32(seed, static_cast<std::uint64_t>(id))[0] %
+                                     static_cast<std::uint64_t>(experts));
   }
+  std::int32_t expert_of(std::int64_t id) const { return expert_of(id, config_.seed, config_.experts); }
 
   void forward(ConstMatrixView<T> x, Routing<T>& out, Mode) {
     expect_shape(name, "x", x, x.rows, d_model());

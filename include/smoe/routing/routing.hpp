@@ -21,26 +21,32 @@
 
 namespace smoe {
 
-template <class T>
+// Space = cuda: the same fields in device memory (CUDA backend; gates and logits in fp32 there).
+template <class T, class Space = cpu>
 struct Routing {
-  Tensor<T> logits;
-  Tensor<std::int32_t> experts;
-  Tensor<T> gates;
+  Tensor<T, Space> logits;
+  Tensor<std::int32_t, Space> experts;
+  Tensor<T, Space> gates;
   index_t dropped = 0;  // assignments a capacity limit removed in this forward
 
   index_t tokens() const { return experts.rank() == 2 ? experts.dim(0) : 0; }
   index_t k() const { return experts.rank() == 2 ? experts.dim(1) : 0; }
 };
 
+// The routing a router fills: in its backend's memory, gates of its gate type (core/config.hpp).
 template <class R>
-concept Router = requires(R& r, const R& cr, ConstMatrixView<typename R::scalar_type> x,
-                          Routing<typename R::scalar_type>& routing, ConstMatrixView<typename R::scalar_type> d_gates,
-                          MatrixView<typename R::scalar_type> grad, Mode mode) {
+using routing_of_t = Routing<gate_type_of_t<R>, backend_of_t<R>>;
+
+template <class R>
+concept Router = requires(R& r, const R& cr, ConstMatrixView<typename R::scalar_type, backend_of_t<R>> x,
+                          routing_of_t<R>& routing, ConstMatrixView<gate_type_of_t<R>, backend_of_t<R>> d_gates,
+                          MatrixView<gate_type_of_t<R>, backend_of_t<R>> d_logits,
+                          MatrixView<typename R::scalar_type, backend_of_t<R>> dx, Mode mode) {
   { cr.experts() } -> std::convertible_to<index_t>;
   { cr.k() } -> std::convertible_to<index_t>;
   { cr.d_model() } -> std::convertible_to<index_t>;
   r.forward(x, routing, mode);
-  r.backward(x, std::as_const(routing), d_gates, grad, grad);
+  r.backward(x, std::as_const(routing), d_gates, d_logits, dx);
 };
 
 template <class R>

@@ -9,18 +9,19 @@ namespace smoe {
 
 struct SigmoidGate {
   template <class T>
-  void forward(const T* s, index_t, const std::int32_t* ids, index_t K, T* gates) const {
-    for (index_t j = 0; j < K; ++j) gates[j] = T(1) / (T(1) + std::exp(-s[ids[j]]));
+  SMOE_HOST_DEVICE void forward(const T* s, index_t, const std::int32_t* ids, index_t K, T* gates) const {
+    using std::exp;
+    for (index_t j = 0; j < K; ++j) gates[j] = T(1) / (T(1) + exp(-s[ids[j]]));
   }
   template <class T>
-  void backward(const T*, index_t, const std::int32_t* ids, index_t K, const T* gates, const T* d_gates,
+  SMOE_HOST_DEVICE void backward(const T*, index_t, const std::int32_t* ids, index_t K, const T* gates, const T* d_gates,
                 T* d_logits) const {
     for (index_t j = 0; j < K; ++j)
       if (ids[j] >= 0) d_logits[ids[j]] += d_gates[j] * gates[j] * (T(1) - gates[j]);
   }
 };
 
-template <class T>
-using SigmoidTopK = TopKRouter<T, SigmoidGate>;
+template <class T, class Backend = cpu>
+using SigmoidTopK = TopKRouter<T, SigmoidGate, Backend>;
 
 }  // namespace smoe

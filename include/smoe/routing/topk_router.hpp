@@ -5,6 +5,7 @@
 // Selection on the logits equals selection on sigmoid(s) or softmax(s): both are monotone.
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
@@ -30,7 +31,8 @@ struct TopKRouterConfig {
   }
 };
 
-// Gate policies provide, for one token (logits [E], selected ids [K]):
+// Gate policies provide, for one token (logits [E], selected ids [K]), as functions callable on the
+// host and the device (SMOE_HOST_DEVICE) so both backends share them:
 //   forward(logits, E, ids, K, gates)                               gates [K]
 //   backward(logits, E, ids, K, gates, d_gates, d_logits)          d_logits [E] += ∂gates/∂logits · d_gates
 template <class G, class T>
@@ -39,9 +41,12 @@ concept GatePolicy = requires(const G& g, const T* cp, T* p, const std::int32_t*
   g.backward(cp, n, ids, n, cp, cp, p);
 };
 
-template <class T, class Gate>
+// TopKRouter<T, Gate, cuda> is the CUDA backend's (smoe/cuda/topk_router.cuh).
+template <class T, class Gate, class Backend = cpu>
   requires GatePolicy<Gate, T>
 class TopKRouter {
+  static_assert(std::is_same_v<Backend, cpu>, "TopKRouter<T, Gate, cuda> needs <smoe/cuda/topk_router.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

@@ -65,9 +65,11 @@ inline NoDecayRule no_decay_if_name_ends_with(std::vector<std::string> suffixes)
   };
 }
 
-template <class T>
+// AdamW<T, cuda> is the CUDA backend's (smoe/cuda/adamw.cuh).
+template <class T, class Backend = cpu>
 class AdamW {
   static_assert(std::is_floating_point_v<T>, "AdamW<T>: T must be float or double");
+  static_assert(std::is_same_v<Backend, cpu>, "AdamW<T, cuda> needs <smoe/cuda/adamw.cuh>");
 
  public:
   using scalar_type = T;

@@ -1,0 +1,48 @@
+#pragma once
+// Top-k selection over one row of scores on the device, with the CPU's total order
+// (routing/topk_select.hpp): candidates not removed before removed ones, then larger score first
+// (NaN below -Inf), then the smaller index. Output best first; always k distinct valid ids.
+// Insertion into a kept list of k <= max_topk entries held in registers.
+#include <cstdint>
+
+#include "smoe/core/config.hpp"
+
+namespace smoe::cuda_kernels {
+
+inline constexpr index_t max_topk = 32;
+
+// removed(i) -> bool: whether candidate i is removed (expert dropout); pass NotRemoved for none.
+struct NotRemoved {
+  SMOE_HOST_DEVICE bool operator()(index_t) const { return false; }
+};
+
+template <class T, class Removed>
+SMOE_HOST_DEVICE void topk_row(const T* s, index_t n, index_t k, std::int32_t* out, const Removed& removed) {
+  struct Candidate {
+    bool alive, number;
+    T score;
+    std::int32_t index;
+  };
+  const auto beats = [](const Candidate& a, const Candidate& b) {
+    if (a.alive != b.alive) return a.alive;
+    if (a.number != b.number) return a.number;
+    if (a.number && a.score != b.score) return a.score > b.score;
+    return a.index < b.index;
+  };
+  Candidate kept[max_topk];
+  index_t filled = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const T v = s[i];
+    const Candidate c{!removed(i), v == v, v, static_cast<std::int32_t>(i)};
+    if (filled == k && !beats(c, kept[k - 1])) continue;
+    index_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && beats(c, kept[pos - 1])) {
+      kept[pos] = kept[pos - 1];
+      --pos;
+    }
+    kept[pos] = c;
+  }
+  for (index_t j = 0; j < k; ++j) out[j] = kept[j].index;
+}
+
+}  // namespace smoe::cuda_kernels
