@@ -17,6 +17,26 @@ concept Combiner = requires(C& c, const Dispatch<typename C::scalar_type>& dispa
   c.backward(dispatch, in, in, out, out);
 };
 
+// check_combiner<C>(): Combiner<C> with one static_assert per requirement (a first error line that
+// names the concept and the member; MoE<> calls it).
+template <class C>
+constexpr bool check_combiner() {
+  static_assert(requires { typename C::scalar_type; }, "smoe::Combiner: missing member type `scalar_type` (float or double)");
+  if constexpr (requires { typename C::scalar_type; }) {
+    using T = typename C::scalar_type;
+    static_assert(requires(C& c, const Dispatch<T>& dispatch, ConstMatrixView<T> ys, MatrixView<T> y) {
+                    c.forward(dispatch, ys, y);
+                  },
+                  "smoe::Combiner: missing or ill-typed member "
+                  "`void forward(const Dispatch<T>& dispatch, ConstMatrixView<T> ys, MatrixView<T> y)`");
+    static_assert(requires(C& c, const Dispatch<T>& dispatch, ConstMatrixView<T> ys, ConstMatrixView<T> dy,
+                           MatrixView<T> dys, MatrixView<T> d_gates) { c.backward(dispatch, ys, dy, dys, d_gates); },
+                  "smoe::Combiner: missing or ill-typed member `void backward(const Dispatch<T>& dispatch, "
+                  "ConstMatrixView<T> ys, ConstMatrixView<T> dy, MatrixView<T> dys, MatrixView<T> d_gates)`");
+  }
+  return Combiner<C>;
+}
+
 template <class T>
 struct WeightedSum {
   using scalar_type = T;

@@ -21,6 +21,7 @@
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
 #include "smoe/experts/experts.hpp"
+#include "smoe/layers/moe_check.hpp"
 #include "smoe/layers/routing_stats.hpp"
 #include "smoe/layers/timing.hpp"
 #include "smoe/losses/balance_loss.hpp"
@@ -37,11 +38,12 @@ struct MoEOutput {
   RoutingStats stats;
 };
 
-template <Router R, Experts X, Combiner C = WeightedSum<typename X::scalar_type>, BalanceLoss... Losses>
-  requires(std::is_same_v<typename R::scalar_type, typename X::scalar_type> &&
-           std::is_same_v<typename C::scalar_type, typename X::scalar_type> &&
-           (std::is_same_v<typename Losses::scalar_type, typename X::scalar_type> && ...))
+// The parts are checked by static_asserts (layers/moe_check.hpp) rather than constraints here, so a
+// part that does not fit is named with its missing member on the first error line.
+template <class R, class X, class C = detail::default_combiner_t<X>, class... Losses>
 class MoE {
+  static_assert(check_moe<R, X, C, Losses...>());
+
  public:
   using scalar_type = typename X::scalar_type;
   using T = scalar_type;
