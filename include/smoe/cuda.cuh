@@ -15,6 +15,7 @@
 #include "smoe/cuda/moe.cuh"
 #include "smoe/cuda/numeric.cuh"
 #include "smoe/cuda/random.cuh"
+#include "smoe/cuda/routing.cuh"
 #include "smoe/cuda/tensor_core_gemm.cuh"
 #include "smoe/cuda/topk.cuh"
 #include "smoe/cuda/topk_router.cuh"

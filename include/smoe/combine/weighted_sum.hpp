@@ -20,6 +20,28 @@ concept Combiner = requires(C& c, const Dispatch<gate_type_of_t<C>, backend_of_t
   c.backward(dispatch, in, in, out, d_gates);
 };
 
+// check_combiner<C>(): Combiner<C> with one static_assert per requirement (a first error line that
+// names the concept and the member; MoE<> calls it).
+template <class C>
+constexpr bool check_combiner() {
+  static_assert(requires { typename C::scalar_type; }, "smoe::Combiner: missing member type `scalar_type` (float or double)");
+  if constexpr (requires { typename C::scalar_type; }) {
+    using T = typename C::scalar_type;
+    using G = gate_type_of_t<C>;
+    using S = backend_of_t<C>;
+    static_assert(requires(C& c, const Dispatch<G, S>& dispatch, ConstMatrixView<T, S> ys, MatrixView<T, S> y) {
+                    c.forward(dispatch, ys, y);
+                  },
+                  "smoe::Combiner: missing or ill-typed member "
+                  "`void forward(const Dispatch<T>& dispatch, ConstMatrixView<T> ys, MatrixView<T> y)`");
+    static_assert(requires(C& c, const Dispatch<G, S>& dispatch, ConstMatrixView<T, S> ys, ConstMatrixView<T, S> dy,
+                           MatrixView<T, S> dys, MatrixView<G, S> d_gates) { c.backward(dispatch, ys, dy, dys, d_gates); },
+                  "smoe::Combiner: missing or ill-typed member `void backward(const Dispatch<T>& dispatch, "
+                  "ConstMatrixView<T> ys, ConstMatrixView<T> dy, MatrixView<T> dys, MatrixView<T> d_gates)`");
+  }
+  return Combiner<C>;
+}
+
 // WeightedSum<T, cuda> is the CUDA backend's (smoe/cuda/weighted_sum.cuh).
 template <class T, class Backend = cpu>
 struct WeightedSum {

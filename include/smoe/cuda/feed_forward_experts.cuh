@@ -62,6 +62,9 @@ struct ActivationBackward {
 
 template <class T, Activation Act>
 class FeedForwardExperts<T, Act, cuda> {
+  static_assert(UnitActivation<Act>, "FeedForwardExperts<T, Act, cuda>: Act needs the per-unit `unit` and "
+                                     "`unit_backward` (experts/activation.hpp) to run on the device");
+
  public:
   using scalar_type = T;
   using gate_type = acc_t<T>;

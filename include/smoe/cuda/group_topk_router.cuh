@@ -16,6 +16,7 @@
 #include "smoe/cuda/linear_scores.cuh"
 #include "smoe/cuda/topk.cuh"
 #include "smoe/routing/group_topk.hpp"
+#include "smoe/cuda/routing.cuh"
 #include "smoe/routing/routing.hpp"
 
 namespace smoe {
@@ -176,12 +177,7 @@ class GroupTopKRouter<T, cuda> {
     using namespace cuda_kernels;
     expect_shape(name, "x", x, x.rows, d_model());
     const index_t tokens = x.rows, E = experts(), K = k();
-    for (auto* t : {&out.logits, &out.gates}) t->set_stream(stream_);
-    out.experts.set_stream(stream_);
-    out.logits.resize({tokens, E});
-    out.experts.resize({tokens, K});
-    out.gates.resize({tokens, K});
-    out.dropped = 0;
+    prepare_routing(out, tokens, E, K, stream_);
     q_.resize({tokens, E});
     load_.resize({E});
     linear_scores_forward(stream_, x, weight_.value.data(), E, out.logits.data());

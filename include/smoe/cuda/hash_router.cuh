@@ -7,6 +7,7 @@
 
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/routing/hash_router.hpp"
+#include "smoe/cuda/routing.cuh"
 #include "smoe/routing/routing.hpp"
 
 namespace smoe {
@@ -64,12 +65,7 @@ class HashRouter<T, cuda> {
     const index_t tokens = x.rows;
     if (!has_ids_) fail(name, ": token ids: expected ", tokens, ", got none (call set_token_ids before forward)");
     if (ids_.size() != tokens) fail(name, ": token ids: expected ", tokens, ", got ", ids_.size());
-    for (auto* t : {&out.logits, &out.gates}) t->set_stream(stream_);
-    out.experts.set_stream(stream_);
-    out.logits.resize({tokens, 0});
-    out.experts.resize({tokens, 1});
-    out.gates.resize({tokens, 1});
-    out.dropped = 0;
+    prepare_routing(out, tokens, 0, 1, stream_);
     cuda_kernels::for_each_index(stream_, tokens,
                                  cuda_kernels::HashRoute<G>{ids_.data(), config_.seed, experts(), out.experts.data(),
                                                             out.gates.data()});

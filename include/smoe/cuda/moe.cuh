@@ -57,8 +57,10 @@ void check_finite(const char* context, const char* name, ConstMatrixView<T, cuda
 }  // namespace cuda_kernels
 
 template <class R, class X, class C, class... Losses>
-  requires MoEParts<R, X, C, Losses...> && std::same_as<backend_of_t<X>, cuda>
+  requires std::same_as<backend_of_t<X>, cuda>
 class MoE<R, X, C, Losses...> {
+  static_assert(check_moe<R, X, C, Losses...>());
+
  public:
   using scalar_type = typename X::scalar_type;
   using gate_type = gate_type_of_t<X>;

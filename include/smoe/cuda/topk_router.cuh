@@ -15,6 +15,7 @@
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/linear_scores.cuh"
 #include "smoe/cuda/topk.cuh"
+#include "smoe/cuda/routing.cuh"
 #include "smoe/routing/routing.hpp"
 #include "smoe/routing/topk_router.hpp"
 
@@ -71,8 +72,9 @@ struct GateBackward {
 }  // namespace cuda_kernels
 
 template <class T, class Gate>
-  requires GatePolicy<Gate, T>
 class TopKRouter<T, Gate, cuda> {
+  static_assert(check_gate_policy<Gate, acc_t<T>>());
+
  public:
   using scalar_type = T;
   using gate_type = acc_t<T>;
@@ -116,12 +118,7 @@ class TopKRouter<T, Gate, cuda> {
     using namespace cuda_kernels;
     expect_shape(name, "x", x, x.rows, d_model());
     const index_t tokens = x.rows, E = experts(), K = k();
-    for (auto* t : {&out.logits, &out.gates}) t->set_stream(stream_);
-    out.experts.set_stream(stream_);
-    out.logits.resize({tokens, E});
-    out.experts.resize({tokens, K});
-    out.gates.resize({tokens, K});
-    out.dropped = 0;
+    prepare_routing(out, tokens, E, K, stream_);
     linear_scores_forward(stream_, x, weight_.value.data(), E, out.logits.data());
     const bool drop = mode == Mode::train && config_.expert_dropout.enabled();
     for_each_index(stream_, tokens,

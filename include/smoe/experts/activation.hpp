@@ -86,10 +86,15 @@ struct SwiGlu {
 };
 
 template <class A>
-concept Activation = requires(const float* cp, float* p, float v, index_t n) {
+concept Activation = requires(const float* cp, float* p, index_t n) {
   { A::fan } -> std::convertible_to<index_t>;
   A::forward(cp, p, n);
   A::backward(cp, cp, p, n);
+};
+
+// An activation the CUDA backend can run: one hidden unit at a time, on the host and the device.
+template <class A>
+concept UnitActivation = Activation<A> && requires(const float* cp, float* p, float v, index_t n) {
   { A::unit(cp, n, n) } -> std::convertible_to<float>;
   A::unit_backward(cp, n, n, v, p);
 };

@@ -24,6 +24,32 @@ concept Experts = requires(X& x, const X& cx, ConstMatrixView<typename X::scalar
   x.backward(in, dispatch, in, out);
 };
 
+// check_experts<X>(): Experts<X> with one static_assert per requirement (a first error line that
+// names the concept and the member; MoE<> calls it).
+template <class X>
+constexpr bool check_experts() {
+  static_assert(requires { typename X::scalar_type; }, "smoe::Experts: missing member type `scalar_type` (float or double)");
+  if constexpr (requires { typename X::scalar_type; }) {
+    using T = typename X::scalar_type;
+    using S = backend_of_t<X>;
+    using D = dispatch_of_t<X>;
+    static_assert(requires(const X& x) { { x.experts() } -> std::convertible_to<index_t>; },
+                  "smoe::Experts: missing or ill-typed member `index_t experts() const`");
+    static_assert(requires(const X& x) { { x.d_model() } -> std::convertible_to<index_t>; },
+                  "smoe::Experts: missing or ill-typed member `index_t d_model() const`");
+    static_assert(requires(X& x, ConstMatrixView<T, S> in, const D& dispatch, MatrixView<T, S> ys) {
+                    x.forward(in, dispatch, ys);
+                  },
+                  "smoe::Experts: missing or ill-typed member "
+                  "`void forward(ConstMatrixView<T> x, const Dispatch<T>& dispatch, MatrixView<T> ys)`");
+    static_assert(requires(X& x, ConstMatrixView<T, S> in, const D& dispatch, ConstMatrixView<T, S> dys,
+                           MatrixView<T, S> dx) { x.backward(in, dispatch, dys, dx); },
+                  "smoe::Experts: missing or ill-typed member `void backward(ConstMatrixView<T> x, const Dispatch<T>& "
+                  "dispatch, ConstMatrixView<T> dys, MatrixView<T> dx)`");
+  }
+  return Experts<X>;
+}
+
 // Optionally, experts whose per-slot outputs are cheap to read again (rows of a table) may compute
 // their gate-weighted sum directly:
 //   forward_weighted(x, dispatch, y [T, d])       y[t] = Σ_k gate(t, k) · out(slot(t, k))

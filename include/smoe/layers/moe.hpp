@@ -21,6 +21,7 @@
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
 #include "smoe/experts/experts.hpp"
+#include "smoe/layers/moe_check.hpp"
 #include "smoe/layers/routing_stats.hpp"
 #include "smoe/layers/timing.hpp"
 #include "smoe/losses/balance_loss.hpp"
@@ -37,23 +38,13 @@ struct MoEOutput {
   RoutingStats stats;
 };
 
-// Parts that compose: each satisfies its concept; one backend (memory space) for all, one
-// activation type for router, experts and combiner, one gate type for the routing they share and
-// the losses that read it. (One concept, so that the CUDA specialization can add to it.)
-template <class R, class X, class C, class... Losses>
-concept MoEParts =
-    Router<R> && Experts<X> && Combiner<C> && (BalanceLoss<Losses> && ...) &&
-    std::same_as<backend_of_t<R>, backend_of_t<X>> && std::same_as<backend_of_t<C>, backend_of_t<X>> &&
-    (std::same_as<backend_of_t<Losses>, backend_of_t<X>> && ...) &&
-    std::same_as<typename R::scalar_type, typename X::scalar_type> &&
-    std::same_as<typename C::scalar_type, typename X::scalar_type> &&
-    std::same_as<gate_type_of_t<R>, gate_type_of_t<X>> && std::same_as<gate_type_of_t<C>, gate_type_of_t<X>> &&
-    (std::same_as<typename Losses::scalar_type, gate_type_of_t<X>> && ...);
-
-// The CPU layer; MoE of cuda parts is the CUDA backend's specialization (smoe/cuda/moe.cuh).
-template <class R, class X, class C = WeightedSum<typename X::scalar_type, backend_of_t<X>>, class... Losses>
-  requires MoEParts<R, X, C, Losses...>
+// The parts are checked by static_asserts (layers/moe_check.hpp) rather than constraints here, so a
+// part that does not fit is named with its missing member on the first error line. This is the CPU
+// layer; MoE of cuda parts is the CUDA backend's specialization (smoe/cuda/moe.cuh).
+template <class R, class X, class C = detail::default_combiner_t<X>, class... Losses>
 class MoE {
+  static_assert(check_moe<R, X, C, Losses...>());
+
  public:
   using scalar_type = typename X::scalar_type;
   using T = scalar_type;

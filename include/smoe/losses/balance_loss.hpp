@@ -35,6 +35,35 @@ concept BalanceLoss =
        l.backward(r, experts, grad, grad);
      });
 
+// check_balance_loss<L>(): BalanceLoss<L> with one static_assert per requirement (a first error line
+// that names the concept and the member; MoE<> calls it).
+template <class L>
+constexpr bool check_balance_loss() {
+  static_assert(requires { typename L::scalar_type; },
+                "smoe::BalanceLoss: missing member type `scalar_type` (float or double)");
+  if constexpr (requires { typename L::scalar_type; }) {
+    using T = typename L::scalar_type;
+    static_assert(requires(L& l) { { l.coef } -> std::convertible_to<double>; },
+                  "smoe::BalanceLoss: missing or ill-typed data member `coef` (the loss coefficient, a double)");
+    using S = backend_of_t<L>;
+    if constexpr (std::same_as<S, cpu>)
+      static_assert(requires(L& l, const Routing<T>& r, index_t experts) {
+                      { l.forward(r, experts) } -> std::convertible_to<T>;
+                    },
+                    "smoe::BalanceLoss: missing or ill-typed member `T forward(const Routing<T>& routing, index_t experts)`");
+    else
+      static_assert(requires(L& l, const Routing<T, S>& r, index_t experts, T* value) { l.forward(r, experts, value); },
+                    "smoe::BalanceLoss: missing or ill-typed member `void forward(const Routing<T, cuda>& routing, "
+                    "index_t experts, T* value)` (the CUDA backend's form)");
+    static_assert(requires(L& l, const Routing<T, S>& r, index_t experts, MatrixView<T, S> d_logits, MatrixView<T, S> d_gates) {
+                    l.backward(r, experts, d_logits, d_gates);
+                  },
+                  "smoe::BalanceLoss: missing or ill-typed member `void backward(const Routing<T>& routing, index_t "
+                  "experts, MatrixView<T> d_logits, MatrixView<T> d_gates)`");
+  }
+  return BalanceLoss<L>;
+}
+
 namespace detail {
 // log Σ exp(s[0..n)), stable for large |s|.
 template <class T>

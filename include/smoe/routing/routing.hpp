@@ -49,6 +49,32 @@ concept Router = requires(R& r, const R& cr, ConstMatrixView<typename R::scalar_
   r.backward(x, std::as_const(routing), d_gates, d_logits, dx);
 };
 
+// check_router<R>(): Router<R> with one static_assert per requirement, so that a type which does not
+// fit fails on a first error line naming the concept and the member (MoE<> calls it).
+template <class R>
+constexpr bool check_router() {
+  static_assert(requires { typename R::scalar_type; }, "smoe::Router: missing member type `scalar_type` (float or double)");
+  if constexpr (requires { typename R::scalar_type; }) {
+    using T = typename R::scalar_type;
+    using G = gate_type_of_t<R>;  // T, but fp32 routing for the CUDA backend's 16-bit routers
+    using S = backend_of_t<R>;
+    static_assert(requires(const R& r) { { r.experts() } -> std::convertible_to<index_t>; },
+                  "smoe::Router: missing or ill-typed member `index_t experts() const`");
+    static_assert(requires(const R& r) { { r.k() } -> std::convertible_to<index_t>; },
+                  "smoe::Router: missing or ill-typed member `index_t k() const`");
+    static_assert(requires(const R& r) { { r.d_model() } -> std::convertible_to<index_t>; },
+                  "smoe::Router: missing or ill-typed member `index_t d_model() const`");
+    static_assert(requires(R& r, ConstMatrixView<T, S> x, Routing<G, S>& out, Mode mode) { r.forward(x, out, mode); },
+                  "smoe::Router: missing or ill-typed member "
+                  "`void forward(ConstMatrixView<T> x, Routing<T>& out, Mode mode)`");
+    static_assert(requires(R& r, ConstMatrixView<T, S> x, const Routing<G, S>& routing, ConstMatrixView<G, S> d_gates,
+                           MatrixView<G, S> d_logits, MatrixView<T, S> dx) { r.backward(x, routing, d_gates, d_logits, dx); },
+                  "smoe::Router: missing or ill-typed member `void backward(ConstMatrixView<T> x, const Routing<T>& "
+                  "routing, ConstMatrixView<T> d_gates, MatrixView<T> d_logits, MatrixView<T> dx)`");
+  }
+  return Router<R>;
+}
+
 template <class R>
 concept HasRouterLoss = requires(const R& r) {
   { r.aux_loss() } -> std::convertible_to<typename R::scalar_type>;

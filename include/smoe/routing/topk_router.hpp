@@ -41,11 +41,26 @@ concept GatePolicy = requires(const G& g, const T* cp, T* p, const std::int32_t*
   g.backward(cp, n, ids, n, cp, cp, p);
 };
 
+// check_gate_policy<G, T>(): GatePolicy<G, T> with one static_assert per member (TopKRouter calls it).
+template <class G, class T>
+constexpr bool check_gate_policy() {
+  static_assert(requires(const G& g, const T* logits, index_t n, const std::int32_t* ids, T* gates) {
+                  g.forward(logits, n, ids, n, gates);
+                },
+                "smoe::GatePolicy: missing or ill-typed member `void forward(const T* logits, index_t E, "
+                "const std::int32_t* ids, index_t K, T* gates) const`");
+  static_assert(requires(const G& g, const T* logits, index_t n, const std::int32_t* ids, const T* gates,
+                         const T* d_gates, T* d_logits) { g.backward(logits, n, ids, n, gates, d_gates, d_logits); },
+                "smoe::GatePolicy: missing or ill-typed member `void backward(const T* logits, index_t E, const "
+                "std::int32_t* ids, index_t K, const T* gates, const T* d_gates, T* d_logits) const`");
+  return GatePolicy<G, T>;
+}
+
 // TopKRouter<T, Gate, cuda> is the CUDA backend's (smoe/cuda/topk_router.cuh).
 template <class T, class Gate, class Backend = cpu>
-  requires GatePolicy<Gate, T>
 class TopKRouter {
   static_assert(std::is_same_v<Backend, cpu>, "TopKRouter<T, Gate, cuda> needs <smoe/cuda/topk_router.cuh>");
+  static_assert(check_gate_policy<Gate, T>());
 
  public:
   using scalar_type = T;
