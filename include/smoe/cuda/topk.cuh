@@ -29,7 +29,7 @@ SMOE_HOST_DEVICE void topk_row(const T* s, index_t n, index_t k, std::int32_t* o
     if (a.number && a.score != b.score) return a.score > b.score;
     return a.index < b.index;
   };
-  Candidate kept[max_topk];
+  Candidate kept[max_topk] = {};  // initialized only to quiet GCC 12's -O3 maybe-uninitialized
   index_t filled = 0;
   for (index_t i = 0; i < n; ++i) {
     const T v = s[i];
