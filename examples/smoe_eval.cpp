@@ -400,6 +400,10 @@ smoe::io::SafetensorsWriter evaluate(Layer& layer, const Spec& spec, const smoe:
   return out;
 }
 
+}  // namespace
+
+namespace smoe_eval {
+
 void run(const std::string& spec_path, const std::string& in_path, const std::string& out_path) {
   const json j = read_spec_file(spec_path);
   if (is_stack_spec(j)) {
@@ -416,9 +420,8 @@ void run(const std::string& spec_path, const std::string& in_path, const std::st
   });
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+// main's body (examples/smoe_eval_main.cpp), apart so the fuzz harness links the rest.
+int run_main(int argc, char** argv) {
   if (argc == 2 && (std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h")) {
     std::cout << usage;
     return 0;
@@ -438,3 +441,5 @@ int main(int argc, char** argv) {
   }
   return 0;
 }
+
+}  // namespace smoe_eval

@@ -28,6 +28,11 @@ using json = nlohmann::json;
 using smoe::fail;
 using smoe::index_t;
 
+// The whole run of smoe_eval (examples/smoe_eval.cpp): throws smoe::error on bad input and then
+// writes nothing. run_main is main's body: usage, one line on stderr and exit status 1 on errors.
+void run(const std::string& spec_path, const std::string& in_path, const std::string& out_path);
+int run_main(int argc, char** argv);
+
 enum class ActivationKind { relu, gelu, swiglu };
 enum class ScalarKind { float32, float64 };
 

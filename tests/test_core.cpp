@@ -684,3 +684,28 @@ TEST_CASE("Tensor refuses shapes whose byte count overflows index_t", "[core][te
   ok.resize({big, big, 0});  // empty: nothing to allocate, whatever the other dimensions
   CHECK(ok.size() == 0);
 }
+
+// Slots are int32: a call with more than 2^31 - 1 token-expert assignments is refused before any
+// of its data is read (the views below point at one element; the check must come first).
+TEST_CASE("build_dispatch refuses T·K and E beyond int32", "[core][dispatch][hardening]") {
+  const std::int32_t id = 0;
+  const float gate = 1;
+  const index_t tokens = index_t(1) << 30;
+  Dispatch<float> d;
+  const ConstMatrixView<std::int32_t> ids{&id, tokens, 2};
+  const ConstMatrixView<float> gates{&gate, tokens, 2};
+  const auto message = [](auto&& call) {
+    try {
+      call();
+    } catch (const smoe::error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no smoe::error");
+  };
+  CHECK(message([&] { build_dispatch(ids, gates, 4, d); }).find("tokens × k = 1073741824 × 2 must be <= 2^31 - 1") !=
+        std::string::npos);
+  const ConstMatrixView<std::int32_t> one_id{&id, 1, 1};
+  const ConstMatrixView<float> one_gate{&gate, 1, 1};
+  CHECK(message([&] { build_dispatch(one_id, one_gate, index_t(1) << 31, d); }).find("experts must be <= 2^31 - 1") !=
+        std::string::npos);
+}

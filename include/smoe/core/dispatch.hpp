@@ -53,6 +53,7 @@ void build_dispatch(ConstMatrixView<std::int32_t> ids, ConstMatrixView<T> gates,
   const index_t tokens = ids.rows, k = ids.cols;
   // Slots are counted in int32 (the offsets convention of torch._grouped_mm, ScatterMoE, DeepGEMM).
   constexpr index_t max_slots = std::numeric_limits<std::int32_t>::max();
+  if (experts > max_slots) fail(ctx, ": experts must be <= 2^31 - 1 (expert ids are int32), got ", experts);
   if (k > 0 && tokens > max_slots / k)
     fail(ctx, ": tokens × k = ", tokens, " × ", k, " must be <= 2^31 - 1 (dispatch offsets are int32)");
   out.tokens = tokens;
