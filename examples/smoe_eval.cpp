@@ -226,10 +226,26 @@ Spec parse_spec(const json& j) {
   if (!(s.route_scale > 0.0)) fail("SPEC: \"route_scale\" must be > 0, got ", s.route_scale);
   if (j.contains("seed")) {
     const json& v = j["seed"];
-    if (!v.is_number_unsigned()) fail("SPEC: \"seed\" must be an integer in [0, 2^64), got ", v.dump());
+    if (!v.is_number_unsigned()) fail("SPEC: \"seed\" must be an integer in [0, 2^64), got ", shown(v));
     s.seed = v.get<std::uint64_t>();
   }
   return s;
+}
+
+// Every parameter of the layer is read from IN: its sizes are checked against IN before building.
+void expect_spec_backed(const Spec& s, const smoe::io::SafetensorsFile& in) {
+  const std::size_t bytes = s.dtype == ScalarKind::float64 ? 8 : 4;
+  if (s.router == RouterKind::pkm) {
+    expect_backed(in, bytes, "experts.values", {{"pkm_keys²", s.n_experts}, {"d_model", s.d_model}});
+    expect_backed(in, bytes, "router.keys_a",
+                  {{"pkm_heads", s.pkm_heads}, {"pkm_keys", s.pkm_keys}, {"d_model / 2", s.d_model / 2}});
+    return;
+  }
+  expect_backed(in, bytes, "experts.w1",
+                {{"n_experts", s.n_experts},
+                 {"d_model", s.d_model},
+                 {"expert_size", s.expert_size},
+                 {"halves (2 for swiglu)", s.activation == ActivationKind::swiglu ? 2 : 1}});
 }
 
 // Runtime SPEC choices to template arguments: each helper calls `f` with the chosen type or object.
@@ -384,6 +400,10 @@ smoe::io::SafetensorsWriter evaluate(Layer& layer, const Spec& spec, const smoe:
   return out;
 }
 
+}  // namespace
+
+namespace smoe_eval {
+
 void run(const std::string& spec_path, const std::string& in_path, const std::string& out_path) {
   const json j = read_spec_file(spec_path);
   if (is_stack_spec(j)) {
@@ -393,15 +413,15 @@ void run(const std::string& spec_path, const std::string& in_path, const std::st
   reject_stack_keys(j);
   const Spec spec = parse_spec(j);
   const auto in = smoe::io::SafetensorsFile::load(in_path);
+  expect_spec_backed(spec, in);
   with_scalar(spec.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     with_layer<T>(spec, [&](auto& layer) { evaluate(layer, spec, in).save(out_path); });
   });
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+// main's body (examples/smoe_eval_main.cpp), apart so the fuzz harness links the rest.
+int run_main(int argc, char** argv) {
   if (argc == 2 && (std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h")) {
     std::cout << usage;
     return 0;
@@ -421,3 +441,5 @@ int main(int argc, char** argv) {
   }
   return 0;
 }
+
+}  // namespace smoe_eval

@@ -5,6 +5,7 @@
 #include <smoe/core/error.hpp>
 #include <smoe/core/parameter.hpp>
 #include <smoe/core/tensor.hpp>
+#include <smoe/io/json_reader.hpp>
 #include <smoe/io/safetensors.hpp>
 
 #include <cmath>
@@ -27,33 +28,33 @@ using json = nlohmann::json;
 using smoe::fail;
 using smoe::index_t;
 
+// The whole run of smoe_eval (examples/smoe_eval.cpp): throws smoe::error on bad input and then
+// writes nothing. run_main is main's body: usage, one line on stderr and exit status 1 on errors.
+void run(const std::string& spec_path, const std::string& in_path, const std::string& out_path);
+int run_main(int argc, char** argv);
+
 enum class ActivationKind { relu, gelu, swiglu };
 enum class ScalarKind { float32, float64 };
 
-// Parses the SPEC file; duplicate keys are an error because JSON parsers silently keep one of them.
+// The SPEC's limits: a SPEC is a few hundred bytes of flat keys.
+inline constexpr smoe::io::JsonLimits spec_limits{.max_bytes = std::size_t(1) << 20, .max_depth = 8};
+
+// Parses the SPEC file (io/json_reader.hpp): duplicate keys, deep nesting, NUL and numbers beyond
+// double range are errors with the byte position, and the text is at most 1 MiB.
 inline json read_spec_file(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) fail("SPEC: cannot open '", path, "'");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::set<std::string>> open;
-  std::string duplicate;
-  const json::parser_callback_t track = [&](int, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) open.emplace_back();
-    if (event == json::parse_event_t::object_end) open.pop_back();
-    if (event == json::parse_event_t::key && !open.empty() && !open.back().insert(parsed.get<std::string>()).second &&
-        duplicate.empty())
-      duplicate = parsed.get<std::string>();
-    return true;
-  };
-  json spec;
-  try {
-    spec = json::parse(text, track);
-  } catch (const json::parse_error& e) {
-    fail("SPEC '", path, "' is not valid JSON: ", e.what());
+  std::string text;
+  char buffer[1 << 16];
+  while (in.read(buffer, sizeof buffer) || in.gcount() > 0) {
+    text.append(buffer, static_cast<std::size_t>(in.gcount()));
+    if (text.size() > spec_limits.max_bytes) fail("SPEC '", path, "' is larger than ", spec_limits.max_bytes, " bytes");
   }
-  if (!duplicate.empty()) fail("SPEC: key \"", duplicate, "\" appears more than once");
-  return spec;
+  return smoe::io::parse_json(text, "SPEC '" + path + "'", spec_limits);
 }
+
+// A SPEC value for an error message, bounded in length whatever the value.
+inline std::string shown(const json& v) { return smoe::io::describe_json(v); }
 
 inline void expect_known_keys(const json& object, const char* what, std::initializer_list<std::string_view> known) {
   for (const auto& [key, value] : object.items()) {
@@ -62,7 +63,7 @@ inline void expect_known_keys(const json& object, const char* what, std::initial
     if (!found) {
       std::string list;
       for (auto k : known) list += (list.empty() ? "" : ", ") + std::string(k);
-      fail(what, ": unknown key \"", key, "\" (known keys: ", list, ")");
+      fail(what, ": unknown key \"", smoe::io::clip_text(key), "\" (known keys: ", list, ")");
     }
   }
 }
@@ -70,7 +71,7 @@ inline void expect_known_keys(const json& object, const char* what, std::initial
 
 inline std::int64_t integer(const json& spec, const char* key) {
   const json& v = spec[key];
-  if (!v.is_number_integer()) fail("SPEC: \"", key, "\" must be an integer, got ", v.dump());
+  if (!v.is_number_integer()) fail("SPEC: \"", key, "\" must be an integer, got ", shown(v));
   return v.get<std::int64_t>();
 }
 
@@ -92,14 +93,14 @@ inline double optional_number(const json& spec, const char* key, double fallback
   if (!spec.contains(key)) return fallback;
   const json& v = spec[key];
   if (!v.is_number() || !std::isfinite(v.get<double>()))
-    fail("SPEC: \"", key, "\" must be a finite number, got ", v.dump());
+    fail("SPEC: \"", key, "\" must be a finite number, got ", shown(v));
   return v.get<double>();
 }
 
 inline bool optional_bool(const json& spec, const char* key) {
   if (!spec.contains(key)) return false;
   const json& v = spec[key];
-  if (!v.is_boolean()) fail("SPEC: \"", key, "\" must be true or false, got ", v.dump());
+  if (!v.is_boolean()) fail("SPEC: \"", key, "\" must be true or false, got ", shown(v));
   return v.get<bool>();
 }
 
@@ -108,7 +109,7 @@ Enum choice(const json& spec, const char* key, const std::pair<std::string_view,
             const char* default_name = nullptr) {
   std::string name;
   if (spec.contains(key)) {
-    if (!spec[key].is_string()) fail("SPEC: \"", key, "\" must be a string, got ", spec[key].dump());
+    if (!spec[key].is_string()) fail("SPEC: \"", key, "\" must be a string, got ", shown(spec[key]));
     name = spec[key].get<std::string>();
   } else if (default_name != nullptr) {
     name = default_name;
@@ -120,7 +121,44 @@ Enum choice(const json& spec, const char* key, const std::pair<std::string_view,
     if (n == name) return e;
     list += (list.empty() ? "\"" : ", \"") + std::string(n) + "\"";
   }
-  fail("SPEC: \"", key, "\" must be one of ", list, ", got \"", name, "\"");
+  fail("SPEC: \"", key, "\" must be one of ", list, ", got \"", smoe::io::clip_text(name), "\"");
+}
+
+// Bytes of IN's data buffer: every parameter the SPEC sizes describe is read from IN, so no product
+// of SPEC sizes that is a parameter's element count may exceed it. Checked before any layer is
+// built, so a hostile size is an error naming the keys, never an allocation.
+inline std::uint64_t data_bytes(const smoe::io::SafetensorsFile& in) {
+  std::uint64_t n = 0;
+  for (const auto& name : in.names()) n += in.info(name).end - in.info(name).begin;
+  return n;
+}
+
+struct SizeFactor {
+  const char* key;
+  index_t value;
+};
+
+// `factors` multiply to the element count of the parameter `tensor`, which IN must hold.
+inline void expect_backed(const smoe::io::SafetensorsFile& in, std::size_t scalar_bytes, const char* tensor,
+                          std::initializer_list<SizeFactor> factors) {
+  const std::uint64_t limit = data_bytes(in) / scalar_bytes;
+  std::uint64_t n = 1;
+  bool over = false;
+  std::string keys;
+  for (const auto& [key, value] : factors) {
+    if (!keys.empty()) keys += " × ";
+    keys += key;
+    keys += " (";
+    keys += std::to_string(value);
+    keys += ")";
+    const auto u = static_cast<std::uint64_t>(value);
+    if (u == 0) return;  // an empty tensor costs nothing
+    if (n > limit / u) over = true;
+    if (!over) n *= u;
+  }
+  if (over)
+    fail("SPEC: ", keys, " = the elements of ", tensor, ", more than IN's data buffer holds (", data_bytes(in),
+         " bytes); the sizes must match the tensors in IN");
 }
 
 inline std::string format_shape(const std::vector<index_t>& shape) {
@@ -206,13 +244,13 @@ inline Coefficients parse_coefficients(const json& j, bool has_logits, const std
   Coefficients out;
   if (!j.contains("coef")) return out;
   const json& c = j["coef"];
-  if (!c.is_object()) fail("SPEC: \"coef\" must be an object, got ", c.dump());
+  if (!c.is_object()) fail("SPEC: \"coef\" must be an object, got ", shown(c));
   expect_known_keys(c, "SPEC \"coef\"", {"switch", "z", "entropy", "importance"});
   const auto coefficient = [&](const char* key) {
     if (!c.contains(key)) return 0.0;
     const json& v = c[key];
     if (!v.is_number() || !std::isfinite(v.get<double>()))
-      fail("SPEC: \"coef\".\"", key, "\" must be a finite number, got ", v.dump());
+      fail("SPEC: \"coef\".\"", key, "\" must be a finite number, got ", shown(v));
     const double value = v.get<double>();
     if (value != 0.0 && !has_logits && std::string_view(key) != "importance")
       fail("SPEC: \"coef\".\"", key, "\" needs router logits, which ", router,

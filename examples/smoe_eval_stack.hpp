@@ -108,11 +108,11 @@ inline StackSpec parse_stack_spec(const json& j) {
   s.layers = positive_int(j, "layers");
 
   if (!j.contains("router")) fail("SPEC: missing required key \"router\"");
-  if (!j["router"].is_string()) fail("SPEC: \"router\" must be a string, got ", j["router"].dump());
+  if (!j["router"].is_string()) fail("SPEC: \"router\" must be a string, got ", shown(j["router"]));
   const std::string router = j["router"].get<std::string>();
   if (router != "softmax_topk" && router != "sigmoid_topk")
     fail("SPEC: \"router\" must be \"softmax_topk\" or \"sigmoid_topk\" in the multi-layer mode (\"layers\"), got \"",
-         router, "\"");
+         smoe::io::clip_text(router), "\"");
   s.sigmoid = router == "sigmoid_topk";
   s.d_model = positive_int(j, "d_model");
   s.n_experts = positive_int(j, "n_experts");
@@ -153,9 +153,28 @@ inline StackSpec parse_stack_spec(const json& j) {
   return s;
 }
 
+// Every parameter of the stack is read from IN: its sizes are checked against IN before building.
+inline void expect_stack_backed(const StackSpec& s, const smoe::io::SafetensorsFile& in) {
+  const std::size_t bytes = s.dtype == ScalarKind::float64 ? 8 : 4;
+  const index_t halves = s.activation == ActivationKind::swiglu ? 2 : 1;
+  const index_t pool_layers = s.pool == PoolKind::per_layer ? s.layers : 1;
+  const index_t members = s.pool == PoolKind::samoe_weight || s.pool == PoolKind::samoe_output ? s.members : 1;
+  expect_backed(in, bytes, "the routers' weights",
+                {{"layers", s.layers}, {"n_experts", s.n_experts}, {"d_model", s.d_model}});
+  expect_backed(in, bytes, "the experts' w1",
+                {{"layers or 1", pool_layers}, {"pool_members or 1", members}, {"n_experts", s.n_experts},
+                 {"d_model", s.d_model}, {"expert_size", s.expert_size}, {"halves (2 for swiglu)", halves}});
+  expect_backed(in, bytes, "the residual experts' w1",
+                {{"layers", s.layers}, {"d_model", s.d_model}, {"residual_expert_size", s.residual_size}});
+  expect_backed(in, bytes, "the shared experts' w1",
+                {{"layers", s.layers}, {"shared_experts", s.shared_experts}, {"d_model", s.d_model},
+                 {"expert_size", s.expert_size}});
+}
+
 inline void run_stack(const json& j, const std::string& in_path, const std::string& out_path) {
   const StackSpec spec = parse_stack_spec(j);
   const auto in = smoe::io::SafetensorsFile::load(in_path);
+  expect_stack_backed(spec, in);
   const auto evaluate = [&]<class T>() {
     switch (spec.pool) {
       case PoolKind::per_layer: return evaluate_stack<T, PoolKind::per_layer>(spec, in);

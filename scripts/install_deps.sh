@@ -2,8 +2,9 @@
 # Installs smoe's build and test dependencies from Debian packages (idempotent: apt runs only
 # when something is missing).
 set -euo pipefail
+# clang-14 and libclang-rt-14-dev: the second compiler of CI and libFuzzer with the sanitizers.
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
-          python3 python3-numpy python3-torch libopenblas0-pthread)
+          python3 python3-numpy python3-torch libopenblas0-pthread clang-14 libclang-rt-14-dev libomp-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -660,3 +660,52 @@ TEMPLATE_TEST_CASE("build_dispatch rejects bad ids, shapes and expert counts", "
                                      ConstMatrixView<T>(gates.data(), tokens - 1, K), E, d),
                       Catch::Contains("gates must be [4, 2], got [3, 2]"));
 }
+
+// Issue 12: the size product used to wrap, so n_experts = 2^62 allocated a few bytes and wrote past them.
+TEST_CASE("Tensor refuses shapes whose byte count overflows index_t", "[core][tensor][hardening]") {
+  const index_t big = index_t(1) << 62;
+  const auto message = [](auto&& make) {
+    try {
+      make();
+    } catch (const smoe::error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no smoe::error");
+  };
+  CHECK(message([&] { smoe::Tensor<float> t({big}); }).find("Tensor: shape [4611686018427387904] has more than") !=
+        std::string::npos);
+  CHECK(message([] { smoe::Tensor<double> t({index_t(1) << 32, index_t(1) << 32}); }).find("elements of 8 bytes") !=
+        std::string::npos);
+  CHECK(message([&] { smoe::Tensor<float> t({3, big, big}); }).find("[3, 4611686018427387904, 4611686018427387904]") !=
+        std::string::npos);
+  smoe::Tensor<float> ok({4});
+  CHECK_THROWS_AS(ok.resize({big, 4}), smoe::error);
+  CHECK(ok.size() == 4);  // a refused resize leaves the tensor as it was
+  ok.resize({big, big, 0});  // empty: nothing to allocate, whatever the other dimensions
+  CHECK(ok.size() == 0);
+}
+
+// Slots are int32: a call with more than 2^31 - 1 token-expert assignments is refused before any
+// of its data is read (the views below point at one element; the check must come first).
+TEST_CASE("build_dispatch refuses T·K and E beyond int32", "[core][dispatch][hardening]") {
+  const std::int32_t id = 0;
+  const float gate = 1;
+  const index_t tokens = index_t(1) << 30;
+  Dispatch<float> d;
+  const ConstMatrixView<std::int32_t> ids{&id, tokens, 2};
+  const ConstMatrixView<float> gates{&gate, tokens, 2};
+  const auto message = [](auto&& call) {
+    try {
+      call();
+    } catch (const smoe::error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no smoe::error");
+  };
+  CHECK(message([&] { build_dispatch(ids, gates, 4, d); }).find("tokens × k = 1073741824 × 2 must be <= 2^31 - 1") !=
+        std::string::npos);
+  const ConstMatrixView<std::int32_t> one_id{&id, 1, 1};
+  const ConstMatrixView<float> one_gate{&gate, 1, 1};
+  CHECK(message([&] { build_dispatch(one_id, one_gate, index_t(1) << 31, d); }).find("experts must be <= 2^31 - 1") !=
+        std::string::npos);
+}

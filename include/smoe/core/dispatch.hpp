@@ -12,6 +12,7 @@
 // layout in device memory, is built by the CUDA backend (smoe/cuda/dispatch.cuh).
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -54,6 +55,11 @@ void build_dispatch(ConstMatrixView<std::int32_t> ids, ConstMatrixView<T> gates,
   if (experts < 1) fail(ctx, ": experts must be >= 1, got ", experts);
   expect_shape(ctx, "gates", gates, ids.rows, ids.cols);
   const index_t tokens = ids.rows, k = ids.cols;
+  // Slots are counted in int32 (the offsets convention of torch._grouped_mm, ScatterMoE, DeepGEMM).
+  constexpr index_t max_slots = std::numeric_limits<std::int32_t>::max();
+  if (experts > max_slots) fail(ctx, ": experts must be <= 2^31 - 1 (expert ids are int32), got ", experts);
+  if (k > 0 && tokens > max_slots / k)
+    fail(ctx, ": tokens × k = ", tokens, " × ", k, " must be <= 2^31 - 1 (dispatch offsets are int32)");
   out.tokens = tokens;
   out.k = k;
   out.experts = experts;

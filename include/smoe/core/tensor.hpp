@@ -40,10 +40,23 @@ class Tensor {
 
   // New shape; contents are unspecified unless the size is unchanged. Never shrinks the buffer.
   void resize(std::vector<index_t> shape) {
+    // The element and byte counts must fit index_t: a wrapped product would allocate too little.
+    constexpr index_t max_elements = index_t(~std::make_unsigned_t<index_t>(0) >> 1) / index_t(sizeof(T));
     index_t n = 1;
+    bool empty = false, overflow = false;
     for (index_t d : shape) {
       if (d < 0) fail("Tensor: negative dimension ", d);
-      n *= d;
+      empty = empty || d == 0;
+      if (!empty && !overflow && n > max_elements / d) overflow = true;
+      if (!overflow) n *= d;
+    }
+    if (empty) {
+      n = 0;
+    } else if (overflow) {
+      std::string dims;
+      for (index_t d : shape) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+      fail("Tensor: shape [", dims, "] has more than ", max_elements, " elements of ", sizeof(T),
+           " bytes (the byte count must fit index_t)");
     }
     if (n > capacity_) {
       buffer_.reset(static_cast<T*>(::operator new[](static_cast<std::size_t>(n) * sizeof(T), std::align_val_t{alignment})));

@@ -13,7 +13,7 @@
 // only on the shapes, never on threads.
 //
 // Compiled with __attribute__((target("avx512f"))) and chosen at run time (cpu_supports_avx512),
-// so a default x86-64 build still uses AVX-512 where the CPU has it.
+// so a default x86-64 build still uses AVX-512 where the CPU has it; SMOE_CPU_GENERIC=1 turns it off.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
     !defined(SMOE_NO_AVX512)
 #define SMOE_HAVE_AVX512_GEMM 1
@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "smoe/core/config.hpp"
 
@@ -29,8 +30,14 @@
 
 namespace smoe::cpu_kernels::avx512 {
 
+// SMOE_CPU_GENERIC=1 in the environment (any value but empty or "0") forces the generic kernels,
+// so the path of CPUs without AVX-512 is tested on machines that have it. Read once.
 inline bool cpu_supports_avx512() {
-  static const bool supported = __builtin_cpu_supports("avx512f");
+  static const bool supported = [] {
+    const char* generic = std::getenv("SMOE_CPU_GENERIC");
+    const bool forced = generic != nullptr && generic[0] != '\0' && !(generic[0] == '0' && generic[1] == '\0');
+    return !forced && __builtin_cpu_supports("avx512f");
+  }();
   return supported;
 }
 

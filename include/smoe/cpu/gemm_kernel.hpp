@@ -96,7 +96,9 @@ void eigen_gemm(const Lhs& lhs, ConstMatrixView<T> b, Op op_b, MatrixView<T> c, 
   else
     run(eigen(b).transpose());
   if (ep.bias) out.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(ep.bias, c.cols);
-  if (ep.relu) out = out.cwiseMax(T(0));
+  // x > 0 ? x : 0, like the Relu activation and the avx512 kernel: NaN becomes 0 on every CPU
+  // (cwiseMax leaves NaN unspecified, so CPUs without AVX-512 gave NaN; SMOE_CPU_GENERIC=1 found it).
+  if (ep.relu) out = (out.array() > T(0)).select(out, T(0));
 }
 
 #if defined(SMOE_HAVE_AVX512_GEMM)

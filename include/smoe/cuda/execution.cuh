@@ -5,9 +5,9 @@
 // sources build two ways:
 //   nvcc                 the CUDA runtime; the policy is thrust::cuda::par_nosync on the caller's
 //                        stream with a stream-ordered allocator, so no algorithm waits for the GPU.
-//   SMOE_CUDA_EMULATION  the host compiler over Thrust's OpenMP system (the host-emulated device
-//                        build that CI tests): device memory is host memory, a stream is a tag
-//                        without effect, copies are memcpy.
+//   SMOE_CUDA_EMULATION  the host compiler over Thrust's OpenMP system (or its sequential C++ system
+//                        without OpenMP): the host-emulated device build that CI tests. Device
+//                        memory is host memory, a stream is a tag without effect, copies are memcpy.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -24,8 +24,8 @@
 #include "smoe/core/error.hpp"
 
 #if defined(SMOE_CUDA_EMULATION)
-#if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_OMP
-#error "SMOE_CUDA_EMULATION needs THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_OMP (the smoe::cuda_emulated CMake target sets both)"
+#if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_OMP && THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CPP
+#error "SMOE_CUDA_EMULATION needs THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_OMP (or _CPP); the smoe::cuda_emulated CMake target sets both"
 #endif
 #elif defined(__CUDACC__)
 #include <cuda_runtime.h>
