@@ -500,7 +500,8 @@ TEST_CASE("balanced assignment of 4096 tokens to 64 experts is exact and complet
   const auto start = std::chrono::steady_clock::now();
   balanced_assignment(ConstMatrixView<float>(s.data(), T, E), std::span<std::int32_t>(a));
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  CHECK(seconds < 5.0);  // loose: a guard against a blow-up, not a performance claim
+  CHECK(seconds < 30.0);  // loose: a guard against a blow-up (minutes), not a performance claim; ASan -O0 on a
+                          // loaded 2-core machine took 8.5 s
   for (index_t n : loads(a, E)) CHECK(n == T / E);
   std::vector<double> sd(s.begin(), s.end());
   CHECK_FALSE(has_improving_cycle(sd, a, T, E));
