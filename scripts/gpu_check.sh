@@ -21,7 +21,7 @@ jobs=$(nproc)
 
 if [ "$mode" = "--prepare" ]; then
   rm -rf "$deps" && mkdir -p "$deps/debs" "$deps/anchors"
-  (cd "$deps/debs" && apt-get download libeigen3-dev catch2 libbenchmark-dev libbenchmark1 >/dev/null)
+  (cd "$deps/debs" && apt-get download libeigen3-dev catch2 libbenchmark-dev libbenchmark1debian >/dev/null)
   cp ../shared/anchors/*.py "$deps/anchors/"
   du -sh "$deps"
   exit 0
