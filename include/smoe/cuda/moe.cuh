@@ -41,17 +41,19 @@ struct WeightedTotal {
   }
 };
 
-// Throws smoe::error naming the first non-finite element of a device matrix (copies it to the host).
+// Throws smoe::error naming the first non-finite element of a device matrix: one copy to the host
+// (and one wait for the stream), then the host's check_finite (core/validate.hpp).
 template <class T>
 void check_finite(const char* context, const char* name, ConstMatrixView<T, cuda> m, cuda_stream stream) {
-  std::vector<T> row(static_cast<std::size_t>(m.cols));
-  for (index_t r = 0; r < m.rows; ++r) {
-    copy_bytes(row.data(), m.data + r * m.stride, sizeof(T) * row.size(), stream);
-    synchronize(stream);
-    for (index_t c = 0; c < m.cols; ++c)
-      if (const auto v = to_acc(row[c]); !(v - v == 0))
-        fail(context, ": ", name, " row ", r, " is not finite (column ", c, " holds ", v, ")");
-  }
+  if (m.empty()) return;
+  const index_t span = (m.rows - 1) * m.stride + m.cols;
+  std::vector<T> raw(static_cast<std::size_t>(span));
+  copy_bytes(raw.data(), m.data, sizeof(T) * raw.size(), stream);
+  synchronize(stream);
+  Tensor<acc_t<T>> host({m.rows, m.cols});
+  for (index_t r = 0; r < m.rows; ++r)
+    for (index_t c = 0; c < m.cols; ++c) host[r * m.cols + c] = to_acc(raw[r * m.stride + c]);
+  smoe::check_finite(context, name, std::as_const(host).matrix());
 }
 
 }  // namespace cuda_kernels

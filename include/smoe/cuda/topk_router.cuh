@@ -4,7 +4,7 @@
 // fp32 (fp64 for T = double) whatever T is, as routing is precision-sensitive. The gate policies
 // (SoftmaxGate, SigmoidGate, a user's) are the CPU's own __host__ __device__ code, and expert
 // dropout draws from the same counter-based RNG: same seed and step → same selection as the CPU.
-//   forward:  logits = x·Wᵀ (RowGemm), then per token: top-k (with dropout) and gates.
+//   forward:  logits = x·Wᵀ (cuda/linear_scores.cuh), then per token: top-k (with dropout) and gates.
 //   backward: d_logits += ∂gates/∂logits · d_gates (gate policy), W.grad += d_logitsᵀ·x (a
 //             per-element reduction over tokens in order), dx += d_logits·W.
 #include <cstdint>
