@@ -28,16 +28,6 @@
 // With "layers": L in the SPEC it runs a stack of L layers over an expert pool instead ("pool":
 // per_layer | tied | samoe_weight | samoe_output, "residual_expert_size", "shared_experts", ...;
 // tensors layers.{l}.router.weight, pool.w1, layers.{l}.combine, ...): smoe_eval_stack.hpp.
-#include <smoe/experts/value_experts.hpp>
-#include <smoe/io/safetensors.hpp>
-#include <smoe/routing/base_router.hpp>
-#include <smoe/routing/expert_choice.hpp>
-#include <smoe/routing/group_topk.hpp>
-#include <smoe/routing/hash_router.hpp>
-#include <smoe/routing/noisy_topk.hpp>
-#include <smoe/routing/product_key_router.hpp>
-#include <smoe/routing/sbase_router.hpp>
-#include <smoe/smoe.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -58,50 +48,12 @@
 #include <nlohmann/json.hpp>
 
 #include "smoe_eval_common.hpp"
+#include "smoe_eval_layer.hpp"
 #include "smoe_eval_stack.hpp"
 
 namespace {
 
 using namespace smoe_eval;
-
-enum class RouterKind { softmax_topk, sigmoid_topk, noisy_topk, sbase, base, expert_choice, hash, group_topk, pkm };
-
-constexpr std::pair<std::string_view, RouterKind> router_names[] = {
-    {"softmax_topk", RouterKind::softmax_topk},
-    {"sigmoid_topk", RouterKind::sigmoid_topk},
-    {"noisy_topk", RouterKind::noisy_topk},
-    {"sbase", RouterKind::sbase},
-    {"base", RouterKind::base},
-    {"expert_choice", RouterKind::expert_choice},
-    {"hash", RouterKind::hash},
-    {"group_topk", RouterKind::group_topk},
-    {"pkm", RouterKind::pkm},
-};
-
-std::string_view name_of(RouterKind r) {
-  for (const auto& [n, kind] : router_names)
-    if (kind == r) return n;
-  return "?";
-}
-
-struct Spec {
-  index_t d_model = 0, n_experts = 0, expert_size = 0, k = 0;
-  RouterKind router = RouterKind::softmax_topk;
-  bool renormalize = false;
-  ActivationKind activation = ActivationKind::relu;
-  smoe::PkmActivation pkm_activation = smoe::PkmActivation::relu;
-  bool bias = false;
-  double coef_switch = 0, coef_z = 0, coef_entropy = 0, coef_importance = 0;
-  ScalarKind dtype = ScalarKind::float32;
-  smoe::Mode mode = smoe::Mode::eval;
-  double capacity_factor = 0;  // token choice: MoE's CapacityPolicy (0 = dropless); expert_choice: its own
-  index_t n_groups = 1, topk_groups = 1;
-  double route_scale = 1;
-  index_t sinkhorn_iters = 3;
-  index_t pkm_heads = 4, pkm_keys = 0;
-  std::uint64_t seed = 0;
-  double load_coef = 0;
-};
 
 constexpr const char* usage =
     "usage: smoe_eval SPEC.json IN.safetensors OUT.safetensors\n"
@@ -146,12 +98,17 @@ Spec parse_spec(const json& j) {
   expect_known_keys(j, "SPEC", {"d_model",        "n_experts",       "expert_size", "k",           "router",
                                 "renormalize",    "activation",      "bias",        "coef",        "dtype",
                                 "mode",           "capacity_factor", "n_groups",    "topk_groups", "route_scale",
-                                "sinkhorn_iters", "pkm_heads",       "pkm_keys",    "seed",        "load_coef"});
+                                "sinkhorn_iters", "pkm_heads",       "pkm_keys",    "seed",        "load_coef",
+                                "backend"});
   Spec s;
+  s.backend = choice<BackendKind>(j, "backend", backend_names, "cpu");
   s.router = choice<RouterKind>(j, "router", router_names);
   const RouterKind r = s.router;
   const std::string router = "router \"" + std::string(name_of(r)) + "\"";
   expect_applicable_keys(j, r);
+  if (s.backend == BackendKind::cuda && !on_cuda_backend(r))
+    fail("SPEC: router \"", name_of(r), "\" is not available on the cuda backend yet (it has softmax_topk, "
+         "sigmoid_topk, hash and group_topk)");
   s.d_model = positive_int(j, "d_model");
 
   if (r == RouterKind::pkm) {
@@ -214,6 +171,8 @@ Spec parse_spec(const json& j) {
   } else {
     s.capacity_factor = optional_number(j, "capacity_factor", 0.0);
     if (s.capacity_factor < 0.0) fail("SPEC: \"capacity_factor\" must be >= 0 (0 = dropless), got ", s.capacity_factor);
+    if (s.capacity_factor > 0.0 && s.backend == BackendKind::cuda)
+      fail("SPEC: \"capacity_factor\" > 0 is not available on the cuda backend yet");
   }
   s.load_coef = optional_number(j, "load_coef", 0.0);
   if (s.load_coef < 0.0) fail("SPEC: \"load_coef\" must be >= 0, got ", s.load_coef);
@@ -246,93 +205,6 @@ void expect_spec_backed(const Spec& s, const smoe::io::SafetensorsFile& in) {
                  {"d_model", s.d_model},
                  {"expert_size", s.expert_size},
                  {"halves (2 for swiglu)", s.activation == ActivationKind::swiglu ? 2 : 1}});
-}
-
-// Runtime SPEC choices to template arguments: each helper calls `f` with the chosen type or object.
-template <class T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void with_scalar(ScalarKind kind, F&& f) {
-  if (kind == ScalarKind::float64)
-    f(Tag<double>{});
-  else
-    f(Tag<float>{});
-}
-
-// Routers that feed FeedForwardExperts (all but pkm).
-template <class T, class F>
-void with_router(const Spec& s, F&& f) {
-  const index_t d = s.d_model, E = s.n_experts, K = s.k;
-  const smoe::TopKRouterConfig c{.d_model = d, .experts = E, .k = K};
-  switch (s.router) {
-    case RouterKind::softmax_topk: f(smoe::SoftmaxTopK<T>(c, smoe::SoftmaxGate{.renormalize = s.renormalize})); break;
-    case RouterKind::sigmoid_topk: f(smoe::SigmoidTopK<T>(c)); break;
-    case RouterKind::noisy_topk:
-      f(smoe::NoisyTopK<T>({.d_model = d, .experts = E, .k = K, .load_coef = s.load_coef, .seed = s.seed}));
-      break;
-    case RouterKind::sbase:
-      f(smoe::SBaseRouter<T>({.d_model = d, .experts = E, .k = K, .sinkhorn_iters = int(s.sinkhorn_iters)}));
-      break;
-    case RouterKind::base: f(smoe::BaseRouter<T>({.d_model = d, .experts = E})); break;
-    case RouterKind::expert_choice:
-      f(smoe::ExpertChoiceRouter<T>({.d_model = d, .experts = E, .capacity_factor = s.capacity_factor}));
-      break;
-    case RouterKind::hash: f(smoe::HashRouter<T>({.d_model = d, .experts = E, .seed = s.seed})); break;
-    case RouterKind::group_topk:
-      f(smoe::GroupTopKRouter<T>({.d_model = d,
-                                  .experts = E,
-                                  .k = K,
-                                  .n_groups = s.n_groups,
-                                  .topk_groups = s.topk_groups,
-                                  .route_scale = s.route_scale}));
-      break;
-    case RouterKind::pkm: fail("smoe_eval: pkm has no feed-forward experts");  // handled by with_layer
-  }
-}
-
-template <class T, class F>
-void with_experts(const Spec& s, F&& f) {
-  const smoe::FeedForwardConfig c{
-      .d_model = s.d_model, .experts = s.n_experts, .hidden = s.expert_size, .bias = s.bias};
-  switch (s.activation) {
-    case ActivationKind::relu: f(smoe::ReluExperts<T>(c)); break;
-    case ActivationKind::gelu: f(smoe::GeluExperts<T>(c)); break;
-    case ActivationKind::swiglu: f(smoe::SwiGluExperts<T>(c)); break;
-  }
-}
-
-// The layer of the spec. Routers without logits (hash, pkm) get only the gate-based importance
-// loss: the logit-based losses refuse them.
-template <class T, class F>
-void with_layer(const Spec& s, F&& f) {
-  if (s.router == RouterKind::pkm) {
-    smoe::MoE layer(smoe::ProductKeyRouter<T>({.d_model = s.d_model,
-                                               .n_keys = s.pkm_keys,
-                                               .heads = s.pkm_heads,
-                                               .k = s.k,
-                                               .activation = s.pkm_activation}),
-                    smoe::ValueExperts<T>({.d_model = s.d_model, .values = s.n_experts}), smoe::WeightedSum<T>{},
-                    smoe::ImportanceLoss<T>(s.coef_importance));
-    f(layer);
-    return;
-  }
-  with_router<T>(s, [&](auto router) {
-    with_experts<T>(s, [&](auto experts) {
-      if constexpr (std::is_same_v<decltype(router), smoe::HashRouter<T>>) {
-        smoe::MoE layer(std::move(router), std::move(experts), smoe::WeightedSum<T>{},
-                        smoe::ImportanceLoss<T>(s.coef_importance));
-        f(layer);
-      } else {
-        smoe::MoE layer(std::move(router), std::move(experts), smoe::WeightedSum<T>{},
-                        smoe::SwitchBalanceLoss<T>(s.coef_switch), smoe::RouterZLoss<T>(s.coef_z),
-                        smoe::EntropyLoss<T>(s.coef_entropy), smoe::ImportanceLoss<T>(s.coef_importance));
-        f(layer);
-      }
-    });
-  });
 }
 
 template <class Layer>
@@ -414,9 +286,13 @@ void run(const std::string& spec_path, const std::string& in_path, const std::st
   const Spec spec = parse_spec(j);
   const auto in = smoe::io::SafetensorsFile::load(in_path);
   expect_spec_backed(spec, in);
+  if (spec.backend == BackendKind::cuda) {
+    evaluate_on_device(spec, in).save(out_path);
+    return;
+  }
   with_scalar(spec.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    with_layer<T>(spec, [&](auto& layer) { evaluate(layer, spec, in).save(out_path); });
+    with_layer<T, smoe::cpu>(spec, [&](auto& layer) { evaluate(layer, spec, in).save(out_path); });
   });
 }
 

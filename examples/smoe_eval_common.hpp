@@ -204,8 +204,11 @@ smoe::Tensor<T> load_x(const smoe::io::SafetensorsFile& in, index_t d) {
 // tensor of IN that is neither a parameter nor one of `data` (the other tensors the SPEC reads).
 template <class T, class Module>
 void load_parameters(const smoe::io::SafetensorsFile& in, Module& module, std::set<std::string> data) {
-  module.for_each_parameter([&](std::string_view name, smoe::Parameter<T>& p) {
-    p.value = load<T>(in, std::string(name), p.value.shape());
+  module.for_each_parameter([&](std::string_view name, auto& p) {
+    if constexpr (std::is_same_v<std::remove_cvref_t<decltype(p.value)>, smoe::Tensor<T>>)
+      p.value = load<T>(in, std::string(name), p.value.shape());
+    else
+      copy(load<T>(in, std::string(name), p.value.shape()), p.value);  // a device parameter: smoe::copy
     data.insert(std::string(name));
   });
   for (const auto& name : in.names())

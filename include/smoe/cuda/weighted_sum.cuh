@@ -12,7 +12,7 @@ namespace smoe {
 
 namespace cuda_kernels {
 
-// out[t, c] = Σ_k w(t, k) · src[slot(t, k), c], w = the slot's gate (or 1 when gates is null).
+// out[t, c] (+)= Σ_k w(t, k) · src[slot(t, k), c], w = the slot's gate (or 1 when gates is null).
 template <class T, class G>
 struct SlotSum {
   const T* src;
@@ -21,10 +21,11 @@ struct SlotSum {
   const G* slot_gate;  // null: unweighted
   T* out;
   index_t out_stride, K, d;
+  bool accumulate;
   SMOE_HOST_DEVICE void operator()(index_t i) const {
     const index_t t = i / d, c = i % d;
     using Acc = acc_t<T>;
-    Acc sum = 0;
+    Acc sum = accumulate ? Acc(to_acc(out[t * out_stride + c])) : Acc(0);
     for (index_t j = 0; j < K; ++j) {
       const std::int32_t s = token_slot[t * K + j];
       if (s < 0) continue;
@@ -87,7 +88,8 @@ struct WeightedSum<T, cuda> {
     expect_shape(name, "y", y, dispatch.tokens, d);
     cuda_kernels::for_each_index(dispatch.offsets.stream(), dispatch.tokens * d,
                                  cuda_kernels::SlotSum<T, G>{ys.data, ys.stride, dispatch.token_slot.data(),
-                                                             dispatch.slot_gate.data(), y.data, y.stride, dispatch.k, d});
+                                                             dispatch.slot_gate.data(), y.data, y.stride, dispatch.k, d,
+                                                             false});
   }
 
   void backward(const Dispatch<G, cuda>& dispatch, ConstMatrixView<T, cuda> ys, ConstMatrixView<T, cuda> dy,

@@ -17,6 +17,7 @@
 // assignment through one member (P_e, F_e): a pool does not know K nor how many members its
 // layers combine, the layers multiply.
 #include <string_view>
+#include <type_traits>
 
 #include "smoe/core/parameter.hpp"
 #include "smoe/cpu/grouped_ffn.hpp"
@@ -65,8 +66,10 @@ constexpr double expert_flops(index_t d, index_t G) {
   return 2.0 * double(d) * double(G) * double(Act::fan + 1);
 }
 
-template <class T, Activation Act>
+template <class T, Activation Act, class Backend = cpu>
 class ExpertPool {
+  static_assert(std::is_same_v<Backend, cpu>, "ExpertPool<T, Act, cuda> needs <smoe/cuda/expert_pool.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

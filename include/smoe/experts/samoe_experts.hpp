@@ -1,5 +1,5 @@
 #pragma once
-// SaMoEExperts<T, Act, Space>: one MoE layer expressed as a learned soft combination of the M
+// SaMoEExperts<T, Act, Space, Backend>: one MoE layer expressed as a learned soft combination of the M
 // members of a global ExpertPool (SaMoE, Zhang et al., ICLR 2023 submission: "expresses each MoE
 // layer as a soft combination of global MoE layers"). The paper's full text is not public; the
 // choices below are smoe's (docs/samoe.md lists them).
@@ -77,9 +77,11 @@ struct SaMoEConfig {
   }
 };
 
-template <class T, Activation Act, class Space>
+template <class T, Activation Act, class Space, class Backend = cpu>
   requires(std::same_as<Space, WeightSpace> || std::same_as<Space, OutputSpace>)
 class SaMoEExperts {
+  static_assert(std::is_same_v<Backend, cpu>, "SaMoEExperts<T, Act, Space, cuda> needs <smoe/cuda/samoe_experts.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
@@ -390,9 +392,9 @@ class SaMoEExperts {
   Tensor<T> scaled_dys_, dx_member_;
 };
 
-template <class T, Activation Act>
-using WeightSpaceSaMoE = SaMoEExperts<T, Act, WeightSpace>;
-template <class T, Activation Act>
-using OutputSpaceSaMoE = SaMoEExperts<T, Act, OutputSpace>;
+template <class T, Activation Act, class Backend = cpu>
+using WeightSpaceSaMoE = SaMoEExperts<T, Act, WeightSpace, Backend>;
+template <class T, Activation Act, class Backend = cpu>
+using OutputSpaceSaMoE = SaMoEExperts<T, Act, OutputSpace, Backend>;
 
 }  // namespace smoe

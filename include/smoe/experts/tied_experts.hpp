@@ -12,6 +12,7 @@
 // The pointer follows the object it was given: an owner that is moved or copied must bind() its
 // layers to the new set (or keep the set at a stable address, as MoEStack does).
 #include <string_view>
+#include <type_traits>
 
 #include "smoe/core/parameter.hpp"
 #include "smoe/cpu/grouped_ffn.hpp"
@@ -21,8 +22,10 @@
 
 namespace smoe {
 
-template <class T, Activation Act>
+template <class T, Activation Act, class Backend = cpu>
 class TiedExperts {
+  static_assert(std::is_same_v<Backend, cpu>, "TiedExperts<T, Act, cuda> needs <smoe/cuda/tied_experts.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
