@@ -4,6 +4,8 @@
 // experts without biases, no aux loss (the anchor has none).
 //   MoE_Fwd/<shape>     forward (Mode::eval)
 //   MoE_FwdBwd/<shape>  forward + backward (Mode::train: weight gradients included)
+//   Dense_Fwd/<shape>, Dense_FwdBwd/<shape>  (sigma-MoE shapes) the parameter-equal dense MLP,
+//                       d → E·G → d with the experts' activation, cuBLAS GEMMs (cuda/dense_gemm.cuh)
 // Timed with CUDA events on the layer's stream (manual time); counters: TFLOP/s of the experts'
 // useful FLOPs (2·K·d·(fan+1)·G per token forward, 3× that for forward+backward, as the anchor).
 // Built by nvcc (bench_cuda_moe) and in the host-emulated build (bench_cuda_moe_emulated), which
@@ -133,6 +135,66 @@ void run(benchmark::State& state, Shape shape, bool backward) {
   state.counters["tokens"] = double(s.tokens);
 }
 
+// y = act(x·W1)·W2, W1 [d, D], W2 [D, d], D = E·G (fan 1: the sigma-MoE shapes' ReLU).
+struct ReluForward {
+  const bf16* pre;
+  bf16* h;
+  SMOE_HOST_DEVICE void operator()(index_t i) const {
+    const float v = smoe::to_acc(pre[i]);
+    h[i] = smoe::from_acc<bf16>(v > 0 ? v : 0.0f);
+  }
+};
+struct ReluBackward {
+  const bf16* pre;
+  bf16* dh;  // in place: dh → dpre
+  SMOE_HOST_DEVICE void operator()(index_t i) const {
+    if (!(smoe::to_acc(pre[i]) > 0)) dh[i] = smoe::from_acc<bf16>(0.0f);
+  }
+};
+
+void run_dense(benchmark::State& state, Shape shape, bool backward) {
+  using smoe::cuda_kernels::dense_gemm;
+  const Shape s = scaled(shape);
+  std::string why;
+  if (!smoe::cuda_device_available(&why)) {
+    state.SkipWithError(("no usable CUDA device: " + why).c_str());
+    return;
+  }
+  const smoe::cuda_stream stream{};
+  const index_t T = s.tokens, d = s.d, D = s.E * s.G;
+  smoe::Tensor<bf16, dev> w1({d, D}), w2({D, d}), g1({d, D}), g2({D, d}), pre({T, D}), h({T, D}), x({T, d}), y({T, d}),
+      dy({T, d}), dx({T, d});
+  smoe::fill_normal(w1, 0.02, 1);
+  smoe::fill_normal(w2, 0.02, 2);
+  smoe::fill_normal(x, 1.0, 101);
+  smoe::fill_normal(dy, 1.0, 102);
+  g1.zero();
+  g2.zero();
+  auto step = [&] {
+    dense_gemm(stream, T, D, d, x.data(), d, false, w1.data(), D, false, pre.data(), D, false);
+    smoe::cuda_kernels::for_each_index(stream, T * D, ReluForward{pre.data(), h.data()});
+    dense_gemm(stream, T, d, D, h.data(), D, false, w2.data(), d, false, y.data(), d, false);
+    if (!backward) return;
+    dense_gemm(stream, D, d, T, h.data(), D, true, dy.data(), d, false, g2.data(), d, true);  // dW2 = hᵀ·dy
+    // h is not needed any more: it holds dh = dy·W2ᵀ, then dpre = dh ⊙ [pre > 0].
+    dense_gemm(stream, T, D, d, dy.data(), d, false, w2.data(), d, true, h.data(), D, false);
+    smoe::cuda_kernels::for_each_index(stream, T * D, ReluBackward{pre.data(), h.data()});
+    dense_gemm(stream, d, D, T, x.data(), d, true, h.data(), D, false, g1.data(), D, true);   // dW1 = xᵀ·dpre
+    dense_gemm(stream, T, d, D, h.data(), D, false, w1.data(), D, true, dx.data(), d, false);  // dx = dpre·W1ᵀ
+  };
+  step();
+  smoe::synchronize(stream);
+  StreamTimer timer(stream);
+  for (auto _ : state) {
+    timer.start();
+    step();
+    state.SetIterationTime(timer.stop_seconds());
+  }
+  const double flops = 2.0 * double(T) * double(d) * double(2 * D) * (backward ? 3 : 1);
+  state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens"] = double(T);
+}
+
 const bool registered = [] {
   for (const Shape& shape : kShapes)
     for (const bool backward : {false, true}) {
@@ -140,6 +202,13 @@ const bool registered = [] {
       auto* b = shape.glu ? benchmark::RegisterBenchmark(name.c_str(), run<smoe::SwiGlu>, shape, backward)
                           : benchmark::RegisterBenchmark(name.c_str(), run<smoe::Relu>, shape, backward);
       b->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(smoke() ? 0.01 : 0.5);
+      if (std::string(shape.name).rfind("sigma-moe", 0) == 0) {
+        const std::string dense = std::string(backward ? "Dense_FwdBwd/" : "Dense_Fwd/") + shape.name;
+        benchmark::RegisterBenchmark(dense.c_str(), run_dense, shape, backward)
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(smoke() ? 0.01 : 0.5);
+      }
     }
   return true;
 }();

@@ -4,7 +4,9 @@
     python3 bench/report_cuda.py BENCH.json [ANCHORS.json]
 
 speedup = anchor time / smoe time (> 1: smoe is faster); of floor = roofline floor / smoe time.
-Without an anchors file (the emulated build) only smoe's times are listed.
+At the sigma-MoE shapes a second table: the layer against its parameter-equal dense MLP (cuBLAS,
+Dense_* of the same run; > 1: the MoE layer is faster). Without an anchors file (the emulated
+build) only smoe's times are listed.
 """
 import json
 import os
@@ -44,6 +46,15 @@ def main():
             print("| " + " | ".join(cells) + " |")
         if a.get("dense_param_equal_fwd_ms"):
             print(f"| {shape} | dense param-equal fwd (torch) | {a['dense_param_equal_fwd_ms']:.3f} | | | | | |")
+    dense = [(shape, key, bench) for shape in shapes for bench, key in (("Fwd", "fwd"), ("FwdBwd", "fwdbwd"))
+             if ("Dense_" + bench, shape) in ours and ("MoE_" + bench, shape) in ours]
+    if dense:
+        print()
+        print("| shape | pass | MoE ms | dense MLP (cuBLAS) ms | dense / MoE |")
+        print("|---|---|---|---|---|")
+        for shape, key, bench in dense:
+            moe, dns = ours[("MoE_" + bench, shape)][0], ours[("Dense_" + bench, shape)][0]
+            print(f"| {shape} | {key} | {moe:.3f} | {dns:.3f} | {dns / moe:.2f}x |")
 
 
 if __name__ == "__main__":

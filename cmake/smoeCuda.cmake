@@ -1,7 +1,8 @@
 # The CUDA backend's targets (docs/cuda.md).
 #
 # smoe::cuda           for .cu files compiled by nvcc: C++20, relaxed constexpr, Eigen kept host-only
-#                      (EIGEN_NO_CUDA: the CPU headers the layers share stay plain host code).
+#                      (EIGEN_NO_CUDA: the CPU headers the layers share stay plain host code);
+#                      links the CUDA runtime and cuBLAS.
 # smoe_cuda_emulated   the host-emulated device build: the same headers compiled by the host compiler
 #                      over Thrust's OpenMP device system (device memory is host memory).
 # smoe_cuda_warnings   warnings for the project's own nvcc targets (errors with SMOE_WERROR, as
@@ -15,7 +16,7 @@ if(SMOE_ENABLE_CUDA)
   find_package(CUDAToolkit REQUIRED)
   add_library(smoe_cuda INTERFACE)
   add_library(smoe::cuda ALIAS smoe_cuda)
-  target_link_libraries(smoe_cuda INTERFACE smoe CUDA::cudart)
+  target_link_libraries(smoe_cuda INTERFACE smoe CUDA::cudart CUDA::cublas)  # cuBLAS: cuda/dense_gemm.cuh
   # CMake 3.25 has no CUDA20 dialect flags: pass the standard ourselves.
   target_compile_options(smoe_cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20 --expt-relaxed-constexpr>)
   target_compile_definitions(smoe_cuda INTERFACE EIGEN_NO_CUDA)

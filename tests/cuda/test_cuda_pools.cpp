@@ -1,6 +1,7 @@
 // The expert sets shared across layers on the device against their CPU twins: WideNet's tied
 // experts and SaMoE's pooled experts (weight and output space, all or the top r members, with and
-// without biases), each inside MoE layers, over two layers that accumulate into one set or pool.
+// without biases), each inside MoE layers, over two layers that accumulate into one set or pool;
+// DeepSeekMoE's shared experts and PR-MoE's residual expert around a routed layer.
 #include "device_test_support.hpp"
 
 namespace pools_test {
@@ -122,6 +123,53 @@ TEST_CASE("cuda TiedExperts: layers sharing one expert set accumulate its gradie
                    SwitchBalanceLoss<float, dev>(0.01));
     pools_test::check_shared(host_set, device_set, std::vector<HostLayer*>{&h0, &h1}, std::vector<DeviceLayer*>{&d0, &d1}, 40,
                              3 + bias);
+  }
+}
+
+TEST_CASE("cuda SharedExpertsMoE: DeepSeekMoE's shared experts around a routed layer", "[cuda][pools]") {
+  const index_t d = 12, E = 6, G = 8;
+  for (const index_t Ns : {index_t(1), index_t(3)}) {
+    for (const index_t tokens : {index_t(37), index_t(1), index_t(0)}) {
+      INFO("N_s " << Ns << ", tokens " << tokens);
+      const GroupTopKRouterConfig rc{.d_model = d, .experts = E, .k = 2, .n_groups = 3, .topk_groups = 2};
+      const SharedExpertsConfig sc{.experts = Ns, .hidden = 5, .bias = Ns == 3};
+      SharedExpertsMoE<MoE<GroupTopKRouter<float>, SwiGluExperts<float>, WeightedSum<float>, SwitchBalanceLoss<float>>, SwiGlu>
+          host(MoE(GroupTopKRouter<float>(rc), SwiGluExperts<float>({d, E, G}), WeightedSum<float>{},
+                   SwitchBalanceLoss<float>(0.01)),
+               sc);
+      SharedExpertsMoE<MoE<GroupTopKRouter<float, dev>, SwiGluExperts<float, dev>, WeightedSum<float, dev>,
+                           SwitchBalanceLoss<float, dev>>,
+                       SwiGlu>
+          device(MoE(GroupTopKRouter<float, dev>(rc), SwiGluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
+                     SwitchBalanceLoss<float, dev>(0.01)),
+                 sc);
+      check_layer(host, device, tokens, 7 + std::uint64_t(Ns));
+      CHECK(device.total_parameters() == host.total_parameters());
+      CHECK(device.flops_per_token() == host.flops_per_token());
+    }
+  }
+}
+
+TEST_CASE("cuda ResidualMoE: PR-MoE's residual MLP mixed by a learned per-token softmax", "[cuda][pools]") {
+  const index_t d = 12, E = 4, G = 8;
+  for (const bool bias : {false, true}) {
+    for (const index_t tokens : {index_t(30), index_t(1), index_t(0)}) {
+      INFO("bias " << bias << ", tokens " << tokens);
+      const TopKRouterConfig rc{.d_model = d, .experts = E, .k = 1};
+      const ResidualConfig c{.hidden = 10, .bias = bias, .mix_bias = bias};
+      ResidualMoE<MoE<SoftmaxTopK<float>, GeluExperts<float>, WeightedSum<float>, SwitchBalanceLoss<float>>, Gelu> host(
+          MoE(SoftmaxTopK<float>(rc), GeluExperts<float>({d, E, G}), WeightedSum<float>{}, SwitchBalanceLoss<float>(0.01)),
+          c);
+      ResidualMoE<MoE<SoftmaxTopK<float, dev>, GeluExperts<float, dev>, WeightedSum<float, dev>,
+                      SwitchBalanceLoss<float, dev>>,
+                  Gelu>
+          device(MoE(SoftmaxTopK<float, dev>(rc), GeluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
+                     SwitchBalanceLoss<float, dev>(0.01)),
+                 c);
+      check_layer(host, device, tokens, 11 + std::uint64_t(bias));
+      if (tokens > 0) require_close_scaled(to_host(device.coefficients()), host.coefficients(), 1e-5, "coefficients");
+      CHECK(device.total_parameters() == host.total_parameters());
+    }
   }
 }
 

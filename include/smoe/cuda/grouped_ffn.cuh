@@ -26,6 +26,8 @@ using cpu_kernels::ExpertGradients;
 using cpu_kernels::ExpertWeights;
 using cpu_kernels::GroupedFFNShape;
 
+// h = act(pre) per hidden unit of the rows [0, *assignments) (every row when assignments is null);
+// pre rows hold fan·G values (SwiGLU: gate half, then up half).
 template <class T, class Act>
 struct ActivationForward {
   const T* pre;
@@ -34,7 +36,7 @@ struct ActivationForward {
   index_t G;
   SMOE_HOST_DEVICE void operator()(index_t i) const {
     const index_t s = i / G, u = i % G;
-    if (s >= *assignments) return;
+    if (assignments && s >= *assignments) return;
     using Acc = acc_t<T>;
     const T* row = pre + s * Act::fan * G;
     Acc v[2] = {to_acc(row[u]), Act::fan == 2 ? to_acc(row[G + u]) : Acc(0)};
@@ -42,6 +44,7 @@ struct ActivationForward {
   }
 };
 
+// dpre = act'(pre)·dh, the same rows.
 template <class T, class Act>
 struct ActivationBackward {
   const T* pre;
@@ -51,7 +54,7 @@ struct ActivationBackward {
   index_t G;
   SMOE_HOST_DEVICE void operator()(index_t i) const {
     const index_t s = i / G, u = i % G;
-    if (s >= *assignments) return;
+    if (assignments && s >= *assignments) return;
     using Acc = acc_t<T>;
     const index_t F = Act::fan * G;
     Acc v[2] = {to_acc(pre[s * F + u]), Act::fan == 2 ? to_acc(pre[s * F + G + u]) : Acc(0)};

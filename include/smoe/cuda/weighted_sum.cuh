@@ -25,14 +25,15 @@ struct SlotSum {
   SMOE_HOST_DEVICE void operator()(index_t i) const {
     const index_t t = i / d, c = i % d;
     using Acc = acc_t<T>;
-    Acc sum = accumulate ? Acc(to_acc(out[t * out_stride + c])) : Acc(0);
+    Acc sum = 0;
     for (index_t j = 0; j < K; ++j) {
       const std::int32_t s = token_slot[t * K + j];
       if (s < 0) continue;
       const Acc v = Acc(to_acc(src[s * src_stride + c]));
       sum += slot_gate ? Acc(slot_gate[s]) * v : v;
     }
-    out[t * out_stride + c] = from_acc<T>(sum);
+    T& o = out[t * out_stride + c];
+    o = from_acc<T>(accumulate ? Acc(to_acc(o)) + sum : sum);
   }
 };
 

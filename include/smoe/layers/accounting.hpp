@@ -50,8 +50,8 @@ concept MoELike = requires(C& c) {
 };
 template <class C>
 struct is_feed_forward_experts : std::false_type {};
-template <class T, Activation Act>
-struct is_feed_forward_experts<FeedForwardExperts<T, Act>> : std::true_type {};
+template <class T, Activation Act, class Backend>
+struct is_feed_forward_experts<FeedForwardExperts<T, Act, Backend>> : std::true_type {};
 
 // MoE<> has no const accessors yet.
 template <class C>

@@ -1,3 +1,4 @@
 // Every CUDA test source (../CMakeLists.txt lists them) as one nvcc translation unit.
 #include "test_cuda_backend.cpp"
 #include "test_cuda_pools.cpp"
+#include "test_cuda_gemm_graph.cpp"
