@@ -200,11 +200,11 @@ smoe::Tensor<T> load_x(const smoe::io::SafetensorsFile& in, index_t d) {
   return load<T>(in, "x", shape);
 }
 
-// Loads every parameter of `module` (its for_each_parameter names) from IN, then fails on any
+// Loads every parameter of `component` (its for_each_parameter names) from IN, then fails on any
 // tensor of IN that is neither a parameter nor one of `data` (the other tensors the SPEC reads).
-template <class T, class Module>
-void load_parameters(const smoe::io::SafetensorsFile& in, Module& module, std::set<std::string> data) {
-  module.for_each_parameter([&](std::string_view name, auto& p) {
+template <class T, class Component>
+void load_parameters(const smoe::io::SafetensorsFile& in, Component& component, std::set<std::string> data) {
+  component.for_each_parameter([&](std::string_view name, auto& p) {
     if constexpr (std::is_same_v<std::remove_cvref_t<decltype(p.value)>, smoe::Tensor<T>>)
       p.value = load<T>(in, std::string(name), p.value.shape());
     else

@@ -21,6 +21,7 @@
 #include "smoe/cuda/random.cuh"
 #include "smoe/cuda/residual_moe.cuh"
 #include "smoe/cuda/routing.cuh"
+#include "smoe/cuda/row_ops.cuh"
 #include "smoe/cuda/samoe_experts.cuh"
 #include "smoe/cuda/shared_experts_moe.cuh"
 #include "smoe/cuda/tensor_core_gemm.cuh"

@@ -226,11 +226,7 @@ class SaMoEExperts<T, Act, Space, cuda> {
 
   // Re-points the handle at `pool` (same shape), and onto its stream.
   void bind(pool_type& pool) {
-    const ExpertPoolConfig &a = pool_->config(), &b = pool.config();
-    if (a.members != b.members || a.experts != b.experts || a.d_model != b.d_model || a.hidden != b.hidden ||
-        a.bias != b.bias)
-      fail(name, ": bind needs a pool of the same shape [M, E, d, G] = [", a.members, ", ", a.experts, ", ", a.d_model,
-           ", ", a.hidden, "], got [", b.members, ", ", b.experts, ", ", b.d_model, ", ", b.hidden, "]");
+    expect_same_pool_shape(name, pool_->config(), pool.config());
     pool_ = &pool;
     set_stream(pool.stream());
   }

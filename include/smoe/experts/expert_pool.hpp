@@ -42,6 +42,14 @@ struct ExpertPoolConfig {
   }
 };
 
+// A handle re-bound to another pool needs one of the same shape (SaMoEExperts::bind, both backends).
+inline void expect_same_pool_shape(const char* context, const ExpertPoolConfig& a, const ExpertPoolConfig& b) {
+  if (a.members != b.members || a.experts != b.experts || a.d_model != b.d_model || a.hidden != b.hidden ||
+      a.bias != b.bias)
+    fail(context, ": bind needs a pool of the same shape [M, E, d, G] = [", a.members, ", ", a.experts, ", ", a.d_model,
+         ", ", a.hidden, "], got [", b.members, ", ", b.experts, ", ", b.d_model, ", ", b.hidden, "]");
+}
+
 namespace detail {
 // parallel_for_blocks (cpu/parallel.hpp) for elementwise loops without Eigen products: the same
 // fixed blocks, but a single block runs on the calling thread, without a parallel region.

@@ -101,11 +101,7 @@ class SaMoEExperts {
 
   // Re-points the handle at `pool` (after the owner moved it); it must have the same shape.
   void bind(pool_type& pool) {
-    const ExpertPoolConfig &a = pool_->config(), &b = pool.config();
-    if (a.members != b.members || a.experts != b.experts || a.d_model != b.d_model || a.hidden != b.hidden ||
-        a.bias != b.bias)
-      fail(name, ": bind needs a pool of the same shape [M, E, d, G] = [", a.members, ", ", a.experts, ", ", a.d_model,
-           ", ", a.hidden, "], got [", b.members, ", ", b.experts, ", ", b.d_model, ", ", b.hidden, "]");
+    expect_same_pool_shape(name, pool_->config(), pool.config());
     pool_ = &pool;
   }
   pool_type& pool() const { return *pool_; }

@@ -24,14 +24,14 @@
 
 namespace smoe {
 
+// The views are in F's memory space (backend_of_t<F>: smoe::cpu unless F says otherwise).
 template <class F>
-concept FeedForward =
-    requires(F& f, const F& cf, ConstMatrixView<typename F::scalar_type> x, MatrixView<typename F::scalar_type> y,
-             Mode mode) {
-      { cf.d_model() } -> std::convertible_to<index_t>;
-      f.backward(x, y);
-      requires(requires { f.forward(x, y, mode); } || requires { f.forward(x, y); });
-    };
+concept FeedForward = requires(F& f, const F& cf, ConstMatrixView<typename F::scalar_type, backend_of_t<F>> x,
+                               MatrixView<typename F::scalar_type, backend_of_t<F>> y, Mode mode) {
+  { cf.d_model() } -> std::convertible_to<index_t>;
+  f.backward(x, y);
+  requires(requires { f.forward(x, y, mode); } || requires { f.forward(x, y); });
+};
 
 // What a block reports from its feed-forward layer: the aux loss (0 for layers without one) and
 // the routing statistics of layers that route.
@@ -43,15 +43,18 @@ struct FeedForwardOutput {
 
 // Whether F's forward takes a Mode (MoE<> does; training enables its stochastic parts).
 template <class F>
-concept FeedForwardWithMode =
-    requires(F& f, ConstMatrixView<typename F::scalar_type> x, MatrixView<typename F::scalar_type> y, Mode mode) {
-      f.forward(x, y, mode);
-    };
+concept FeedForwardWithMode = requires(F& f, ConstMatrixView<typename F::scalar_type, backend_of_t<F>> x,
+                                       MatrixView<typename F::scalar_type, backend_of_t<F>> y, Mode mode) {
+  f.forward(x, y, mode);
+};
 
-// Runs f.forward and collects what it reports.
+// Runs f.forward and collects what it reports (a host value: a device layer's aux loss, a device
+// pointer, stays on the device and is not collected).
 template <FeedForward F>
-FeedForwardOutput<typename F::scalar_type> feed_forward(F& f, ConstMatrixView<typename F::scalar_type> x,
-                                                        MatrixView<typename F::scalar_type> y, Mode mode) {
+FeedForwardOutput<typename F::scalar_type> feed_forward(F& f,
+                                                        ConstMatrixView<typename F::scalar_type, backend_of_t<F>> x,
+                                                        MatrixView<typename F::scalar_type, backend_of_t<F>> y,
+                                                        Mode mode) {
   using T = typename F::scalar_type;
   FeedForwardOutput<T> out;
   if constexpr (FeedForwardWithMode<F>) {
@@ -60,9 +63,8 @@ FeedForwardOutput<typename F::scalar_type> feed_forward(F& f, ConstMatrixView<ty
       f.forward(x, y, mode);
     } else {
       auto r = f.forward(x, y, mode);
-      if constexpr (requires { r.aux_loss; }) out.aux_loss = T(r.aux_loss);
-      if constexpr (requires { r.stats; } && std::is_convertible_v<decltype(r.stats), RoutingStats>)
-        out.stats = std::move(r.stats);
+      if constexpr (requires { r.aux_loss; } && !std::is_pointer_v<decltype(r.aux_loss)>) out.aux_loss = T(r.aux_loss);
+      if constexpr (requires { RoutingStats(std::move(r.stats)); }) out.stats = std::move(r.stats);
     }
   } else {
     (void)mode;

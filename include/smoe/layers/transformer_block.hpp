@@ -39,17 +39,18 @@
 
 namespace smoe {
 
+// Views in the part's own memory space (backend_of_t: smoe::cpu unless it says otherwise).
 template <class A>
-concept BlockAttention = requires(A& a, const A& ca, ConstMatrixView<typename A::scalar_type> x,
-                                  MatrixView<typename A::scalar_type> y, index_t sequences) {
+concept BlockAttention = requires(A& a, const A& ca, ConstMatrixView<typename A::scalar_type, backend_of_t<A>> x,
+                                  MatrixView<typename A::scalar_type, backend_of_t<A>> y, index_t sequences) {
   { ca.d_model() } -> std::convertible_to<index_t>;
   a.forward(x, y, sequences);
   a.backward(x, y);
 };
 
 template <class N>
-concept BlockNorm = requires(N& n, const N& cn, ConstMatrixView<typename N::scalar_type> x,
-                             MatrixView<typename N::scalar_type> y) {
+concept BlockNorm = requires(N& n, const N& cn, ConstMatrixView<typename N::scalar_type, backend_of_t<N>> x,
+                             MatrixView<typename N::scalar_type, backend_of_t<N>> y) {
   { cn.d_model() } -> std::convertible_to<index_t>;
   n.forward(x, y);
   n.backward(x, y);
@@ -73,16 +74,35 @@ inline void check_norm_eps(const char* context, double eps) {
     fail(context, ": norm_eps must be finite and >= 0 (0: the norm's default), got ", eps);
 }
 
-// out = a + b, row blocks (a, b, out [N, d]; out may be a or b).
-template <class T>
-void add_rows(ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> out) {
-  cpu_kernels::parallel_for_blocks(out.rows, 64, [&](index_t first, index_t last) {
-    for (index_t t = first; t < last; ++t) {
-      const T *pa = a.row(t), *pb = b.row(t);
-      T* po = out.row(t);
-      for (index_t c = 0; c < out.cols; ++c) po[c] = pa[c] + pb[c];
-    }
-  });
+}  // namespace detail
+
+// out = a + b over rows in memory space Space (a, b, out [N, d]; out may be a or b), ordered on
+// `stream` (ignored on the CPU). RowOps<cpu> is here; RowOps<cuda> in cuda/row_ops.cuh.
+template <class Space>
+struct RowOps;
+template <>
+struct RowOps<cpu> {
+  template <class T, class Stream>
+  static void add(ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> out, Stream) {
+    cpu_kernels::parallel_for_blocks(out.rows, 64, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t) {
+        const T *pa = a.row(t), *pb = b.row(t);
+        T* po = out.row(t);
+        for (index_t c = 0; c < out.cols; ++c) po[c] = pa[c] + pb[c];
+      }
+    });
+  }
+};
+
+namespace detail {
+
+// The stream a device part runs on (its stream()), or 0 for a CPU part.
+template <class C>
+auto stream_of(const C& c) {
+  if constexpr (requires { c.stream(); })
+    return c.stream();
+  else
+    return 0;
 }
 
 template <class C>
@@ -92,14 +112,25 @@ void set_validate_inputs(C& c, bool on) {
 
 }  // namespace detail
 
-template <BlockAttention Attention, FeedForward FFN, BlockNorm Norm = RMSNorm<typename FFN::scalar_type>>
-  requires(std::is_same_v<typename Attention::scalar_type, typename FFN::scalar_type> &&
-           std::is_same_v<typename Norm::scalar_type, typename FFN::scalar_type>)
+// The parts of a block: one scalar type (and one backend, checked by the block).
+template <class Attention, class FFN, class Norm>
+concept BlockParts = BlockAttention<Attention> && FeedForward<FFN> && BlockNorm<Norm> &&
+                     std::is_same_v<typename Attention::scalar_type, typename FFN::scalar_type> &&
+                     std::is_same_v<typename Norm::scalar_type, typename FFN::scalar_type>;
+
+// On the CPU or the device: the parts' backend (one for all three). A block of smoe::cuda parts runs
+// on the FFN's stream (set_stream sets every part's), its row additions from cuda/row_ops.cuh.
+template <class Attention, class FFN, class Norm = RMSNorm<typename FFN::scalar_type>>
+  requires BlockParts<Attention, FFN, Norm>
 class TransformerBlock {
  public:
   using scalar_type = typename FFN::scalar_type;
   using T = scalar_type;
-  using backend = cpu;
+  using backend = backend_of_t<FFN>;
+  static_assert(std::is_same_v<backend_of_t<Attention>, backend> && std::is_same_v<backend_of_t<Norm>, backend>,
+                "TransformerBlock: the attention, FFN and norms must have one backend (smoe::cpu or smoe::cuda)");
+  using ConstView = ConstMatrixView<T, backend>;
+  using View = MatrixView<T, backend>;
   using attention_type = Attention;
   using ffn_type = FFN;
   using norm_type = Norm;
@@ -187,8 +218,21 @@ class TransformerBlock {
   }
   BlockTimes* times() const { return times_; }
 
-  // x, y [B·L, d], B = sequences (each causal on its own); y may not be x's memory.
-  FeedForwardOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, index_t sequences, Mode mode = Mode::eval) {
+  // The stream of a block of device parts (the FFN's); set_stream moves every part onto `s`.
+  auto stream() const { return detail::stream_of(ffn_); }
+  template <class Stream>
+  void set_stream(Stream s)
+    requires requires(FFN& f, Stream st) { f.set_stream(st); }
+  {
+    for (auto* n : {&attn_norm_, &ffn_norm_})
+      if constexpr (requires { n->set_stream(s); }) n->set_stream(s);
+    if constexpr (requires { attn_.set_stream(s); }) attn_.set_stream(s);
+    ffn_.set_stream(s);
+  }
+
+  // x, y [B·L, d], B = sequences (each causal on its own); y may not be x's memory. A block of
+  // device parts reports no aux loss here (its FFN keeps it on the device: ffn().read_losses()).
+  FeedForwardOutput<T> forward(ConstView x, View y, index_t sequences, Mode mode = Mode::eval) {
     const index_t N = x.rows, d = d_model();
     expect_shape(name, "x", x, N, d);
     expect_shape(name, "y", y, N, d);
@@ -196,6 +240,7 @@ class TransformerBlock {
     if (N % sequences != 0) fail(name, ": x rows (B·L) must be a multiple of sequences = ", sequences, ", got ", N);
     if (N > 0 && static_cast<const void*>(x.data) == static_cast<const void*>(y.data))
       fail(name, ": y must not be the memory of x (forward reads x after writing y)");
+    follow_stream();
     a_.resize({N, d});
     h_.resize({N, d});
     b_.resize({N, d});
@@ -210,7 +255,7 @@ class TransformerBlock {
     }
     {
       ScopedTimer timer(slot(&BlockTimes::norms_forward));
-      detail::add_rows<T>(x, y, h_.matrix());
+      RowOps<backend>::add(x, ConstView(y), h_.matrix(), stream());
       ffn_norm_.forward(std::as_const(h_).matrix(), b_.matrix());
     }
     FeedForwardOutput<T> out;
@@ -220,18 +265,19 @@ class TransformerBlock {
     }
     {
       ScopedTimer timer(slot(&BlockTimes::norms_forward));
-      detail::add_rows<T>(y, std::as_const(h_).matrix(), y);
+      RowOps<backend>::add(ConstView(y), std::as_const(h_).matrix(), y, stream());
     }
     return out;
   }
 
   // dy, dx [B·L, d] of the last forward; dx may be dy's memory. Accumulates every parameter's
   // gradient, the FFN's aux-loss gradient included.
-  void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
+  void backward(ConstView dy, View dx) {
     if (!has_forward_) fail(name, ": backward called before forward");
     const index_t N = h_.dim(0), d = d_model();
     expect_shape(name, "dy", dy, N, d);
     expect_shape(name, "dx", dx, N, d);
+    follow_stream();
     g_.resize({N, d});
     dh_.resize({N, d});
     {
@@ -241,7 +287,7 @@ class TransformerBlock {
     {
       ScopedTimer timer(slot(&BlockTimes::norms_backward));
       ffn_norm_.backward(std::as_const(g_).matrix(), dh_.matrix());
-      detail::add_rows<T>(std::as_const(dh_).matrix(), dy, dh_.matrix());
+      RowOps<backend>::add(std::as_const(dh_).matrix(), dy, dh_.matrix(), stream());
     }
     {
       ScopedTimer timer(slot(&BlockTimes::attention_backward));
@@ -250,7 +296,7 @@ class TransformerBlock {
     {
       ScopedTimer timer(slot(&BlockTimes::norms_backward));
       attn_norm_.backward(std::as_const(g_).matrix(), dx);
-      detail::add_rows<T>(ConstMatrixView<T>(dx), std::as_const(dh_).matrix(), dx);
+      RowOps<backend>::add(ConstView(dx), std::as_const(dh_).matrix(), dx, stream());
     }
   }
 
@@ -262,14 +308,19 @@ class TransformerBlock {
     expect_equal(name, "ffn_norm.d_model() (= attention.d_model())", d, ffn_norm_.d_model());
   }
   double* slot(double BlockTimes::*part) const { return times_ ? &(times_->*part) : nullptr; }
+  // Device buffers allocate on the block's stream (no-op on the CPU).
+  void follow_stream() {
+    if constexpr (requires { a_.set_stream(stream()); })
+      for (auto* t : {&a_, &h_, &b_, &g_, &dh_}) t->set_stream(stream());
+  }
 
   Norm attn_norm_;
   Attention attn_;
   Norm ffn_norm_;
   FFN ffn_;
   bool has_forward_ = false;
-  Tensor<T> a_, h_, b_;  // forward: AttnNorm(x), h, FFNNorm(h) (the FFN's input, kept for backward)
-  Tensor<T> g_, dh_;     // backward scratch
+  Tensor<T, backend> a_, h_, b_;  // forward: AttnNorm(x), h, FFNNorm(h) (the FFN's input, kept for backward)
+  Tensor<T, backend> g_, dh_;     // backward scratch
   BlockTimes* times_ = nullptr;
 };
 

@@ -2,3 +2,4 @@
 #include "test_cuda_backend.cpp"
 #include "test_cuda_pools.cpp"
 #include "test_cuda_gemm_graph.cpp"
+#include "test_cuda_transformer_block.cpp"

@@ -1,0 +1,37 @@
+#pragma once
+// RowOps<cuda> (layers/transformer_block.hpp): out = a + b over the rows of device matrices, for
+// the composites written once for both backends (TransformerBlock's residual additions).
+#include "smoe/cuda/execution.cuh"
+#include "smoe/cuda/numeric.cuh"
+#include "smoe/layers/transformer_block.hpp"
+
+namespace smoe {
+
+namespace cuda_kernels {
+
+template <class T>
+struct AddRows {
+  const T* a;
+  const T* b;
+  T* out;
+  index_t lda, ldb, ldo, cols;
+  SMOE_HOST_DEVICE void operator()(index_t i) const {
+    const index_t r = i / cols, c = i % cols;
+    out[r * ldo + c] = from_acc<T>(to_acc(a[r * lda + c]) + to_acc(b[r * ldb + c]));
+  }
+};
+
+}  // namespace cuda_kernels
+
+template <>
+struct RowOps<cuda> {
+  template <class T>
+  static void add(ConstMatrixView<T, cuda> a, ConstMatrixView<T, cuda> b, MatrixView<T, cuda> out, cuda_stream stream) {
+    expect_shape("RowOps<cuda>::add", "b", b, a.rows, a.cols);
+    expect_shape("RowOps<cuda>::add", "out", out, a.rows, a.cols);
+    cuda_kernels::for_each_index(stream, a.rows * a.cols,
+                                 cuda_kernels::AddRows<T>{a.data, b.data, out.data, a.stride, b.stride, out.stride, a.cols});
+  }
+};
+
+}  // namespace smoe
