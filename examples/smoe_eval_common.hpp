@@ -34,6 +34,11 @@ void run(const std::string& spec_path, const std::string& in_path, const std::st
 int run_main(int argc, char** argv);
 
 enum class ActivationKind { relu, gelu, swiglu };
+// Where the layers run: the CPU backend, or the CUDA backend (on the GPU in an nvcc build, on the
+// host in the emulated build: examples/smoe_eval_cuda.cpp).
+enum class BackendKind { cpu, cuda };
+inline constexpr std::pair<std::string_view, BackendKind> backend_names[] = {{"cpu", BackendKind::cpu},
+                                                                             {"cuda", BackendKind::cuda}};
 enum class ScalarKind { float32, float64 };
 
 // The SPEC's limits: a SPEC is a few hundred bytes of flat keys.

@@ -1,6 +1,7 @@
-// smoe_eval's "backend": "cuda": the SPEC's layer built from the CUDA backend's components, run on
-// the device, with the CPU run's outputs (examples/smoe_eval.cpp's evaluate). Compiled by nvcc
-// (smoe_eval_cuda.cu: the GPU) or by the host compiler as the host-emulated device build.
+// smoe_eval's "backend": "cuda": the SPEC's layer, or stack of layers, built from the CUDA backend's
+// components, run on the device, with the CPU run's outputs (examples/smoe_eval.cpp's evaluate and
+// smoe_eval_stack_impl.hpp's). Compiled by nvcc (smoe_eval_cuda.cu: the GPU) or by the host
+// compiler as the host-emulated device build.
 #include <smoe/cuda.cuh>
 
 #include <set>
@@ -10,8 +11,15 @@
 #include <utility>
 
 #include "smoe_eval_layer.hpp"
+#include "smoe_eval_stack_impl.hpp"
 
 namespace smoe_eval {
+
+// A device layer's forward returns device pointers to its losses.
+template <class T>
+struct stack_detail::LayerOutput<T, smoe::cuda> {
+  using type = smoe::MoEDeviceOutput<T>;
+};
 
 namespace {
 
@@ -88,6 +96,21 @@ smoe::io::SafetensorsWriter evaluate_on_device(const Spec& spec, const smoe::io:
     with_layer<T, smoe::cuda>(spec, [&](auto& layer) { out = evaluate_device(layer, spec, in); });
   });
   return out;
+}
+
+smoe::io::SafetensorsWriter evaluate_stack_on_device(const StackSpec& spec, const smoe::io::SafetensorsFile& in) {
+  std::string why;
+  if (!smoe::cuda_device_available(&why)) fail("\"backend\": \"cuda\": no usable CUDA device (", why, ")");
+  const auto evaluate = [&]<class T>() {
+    switch (spec.pool) {
+      case PoolKind::per_layer: return evaluate_stack<T, PoolKind::per_layer, smoe::cuda>(spec, in);
+      case PoolKind::tied: return evaluate_stack<T, PoolKind::tied, smoe::cuda>(spec, in);
+      case PoolKind::samoe_weight: return evaluate_stack<T, PoolKind::samoe_weight, smoe::cuda>(spec, in);
+      case PoolKind::samoe_output: break;
+    }
+    return evaluate_stack<T, PoolKind::samoe_output, smoe::cuda>(spec, in);
+  };
+  return spec.dtype == ScalarKind::float64 ? evaluate.template operator()<double>() : evaluate.template operator()<float>();
 }
 
 }  // namespace smoe_eval

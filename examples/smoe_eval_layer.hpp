@@ -41,12 +41,6 @@ inline std::string_view name_of(RouterKind r) {
   return "?";
 }
 
-// Where the layer runs: the CPU backend, or the CUDA backend (on the GPU in an nvcc build, on the
-// host in the emulated build: examples/smoe_eval_cuda.cpp).
-enum class BackendKind { cpu, cuda };
-inline constexpr std::pair<std::string_view, BackendKind> backend_names[] = {{"cpu", BackendKind::cpu},
-                                                                             {"cuda", BackendKind::cuda}};
-
 struct Spec {
   BackendKind backend = BackendKind::cpu;
   index_t d_model = 0, n_experts = 0, expert_size = 0, k = 0;

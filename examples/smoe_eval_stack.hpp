@@ -27,6 +27,7 @@ namespace smoe_eval {
 enum class PoolKind { per_layer, tied, samoe_weight, samoe_output };
 
 struct StackSpec {
+  BackendKind backend = BackendKind::cpu;
   index_t layers = 1, d_model = 0, n_experts = 0, expert_size = 0, k = 0;
   bool sigmoid = false;  // router "sigmoid_topk"; otherwise "softmax_topk"
   bool renormalize = false;
@@ -45,9 +46,11 @@ struct StackSpec {
   index_t shared_experts = 0;  // DeepSeekMoE: N_s, 0 = none
 };
 
-// The stack of `s` on IN: OUT's tensors. Defined in smoe_eval_stack_impl.hpp.
-template <class T, PoolKind P>
+// The stack of `s` on IN on the CPU: OUT's tensors. Defined in smoe_eval_stack_impl.hpp.
+template <class T, PoolKind P, class Backend = smoe::cpu>
 smoe::io::SafetensorsWriter evaluate_stack(const StackSpec& s, const smoe::io::SafetensorsFile& in);
+// The same on the CUDA backend (examples/smoe_eval_cuda.cpp; smoe_eval_no_cuda.cpp refuses it).
+smoe::io::SafetensorsWriter evaluate_stack_on_device(const StackSpec& s, const smoe::io::SafetensorsFile& in);
 
 #define SMOE_EVAL_STACK_DECLARE(T, P) \
   extern template smoe::io::SafetensorsWriter evaluate_stack<T, P>(const StackSpec&, const smoe::io::SafetensorsFile&);
@@ -103,8 +106,9 @@ inline StackSpec parse_stack_spec(const json& j) {
   expect_known_keys(j, "SPEC (multi-layer mode)",
                     {"layers", "pool", "pool_members", "temperature", "pool_top_members", "residual_expert_size",
                      "residual_mix_bias", "shared_experts", "d_model", "n_experts", "expert_size", "k", "router",
-                     "renormalize", "activation", "bias", "coef", "dtype", "mode", "capacity_factor"});
+                     "renormalize", "activation", "bias", "coef", "dtype", "mode", "capacity_factor", "backend"});
   StackSpec s;
+  s.backend = choice<BackendKind>(j, "backend", backend_names, "cpu");
   s.layers = positive_int(j, "layers");
 
   if (!j.contains("router")) fail("SPEC: missing required key \"router\"");
@@ -128,6 +132,8 @@ inline StackSpec parse_stack_spec(const json& j) {
   s.coef = parse_coefficients(j, true, "router \"" + router + "\"");
   s.capacity_factor = optional_number(j, "capacity_factor", 0.0);
   if (s.capacity_factor < 0.0) fail("SPEC: \"capacity_factor\" must be >= 0 (0 = dropless), got ", s.capacity_factor);
+  if (s.capacity_factor > 0.0 && s.backend == BackendKind::cuda)
+    fail("SPEC: \"capacity_factor\" > 0 is not available on the cuda backend yet");
 
   s.pool = choice<PoolKind>(j, "pool", stack_spec_detail::pool_names, "per_layer");
   const bool samoe = s.pool == PoolKind::samoe_weight || s.pool == PoolKind::samoe_output;
@@ -175,6 +181,10 @@ inline void run_stack(const json& j, const std::string& in_path, const std::stri
   const StackSpec spec = parse_stack_spec(j);
   const auto in = smoe::io::SafetensorsFile::load(in_path);
   expect_stack_backed(spec, in);
+  if (spec.backend == BackendKind::cuda) {
+    evaluate_stack_on_device(spec, in).save(out_path);
+    return;
+  }
   const auto evaluate = [&]<class T>() {
     switch (spec.pool) {
       case PoolKind::per_layer: return evaluate_stack<T, PoolKind::per_layer>(spec, in);

@@ -1018,11 +1018,12 @@ CUDA_ROUTERS = {"softmax_topk", "sigmoid_topk", "hash", "group_topk"}
 
 
 def cuda_cases(all_cases):
-    """The single-layer cases the CUDA backend runs, with "backend": "cuda" (no expert capacity yet)."""
+    """The cases the CUDA backend runs (single layers of its routers, and stacks), with "backend": "cuda"
+    (no expert capacity yet)."""
     out = []
     for case in all_cases:
         spec = case["spec"]
-        if "layers" in spec or spec["router"] not in CUDA_ROUTERS or spec.get("capacity_factor", 0) > 0:
+        if spec["router"] not in CUDA_ROUTERS or spec.get("capacity_factor", 0) > 0:
             continue
         out.append({**case, "name": case["name"] + "_cuda", "spec": {**spec, "backend": "cuda"}})
     if not out:
@@ -1035,8 +1036,8 @@ def main():
     parser.add_argument("smoe_eval")
     parser.add_argument("--keep", help="write the case files here and keep them")
     parser.add_argument("--backend", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: every single-layer case the CUDA backend supports, with \"backend\": \"cuda\" "
-                             "(error cases and stacks stay with the cpu run)")
+                        help="cuda: every case the CUDA backend supports, with \"backend\": \"cuda\" "
+                             "(the error cases stay with the cpu run)")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
 

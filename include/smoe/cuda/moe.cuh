@@ -80,6 +80,8 @@ class MoE<R, X, C, Losses...> {
   C& combiner() { return combiner_; }
   std::tuple<Losses...>& losses() { return losses_; }
   const Routing<G, cuda>& routing() const { return routing_; }
+  // The ids the dispatch used (without capacity on the device: the router's).
+  const Tensor<std::int32_t, cuda>& dispatched_experts() const { return routing_.experts; }
   const Dispatch<G, cuda>& dispatch() const { return dispatch_; }
 
   cuda_stream stream() const { return stream_; }

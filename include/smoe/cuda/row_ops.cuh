@@ -1,14 +1,15 @@
 #pragma once
-// RowOps<cuda> (layers/transformer_block.hpp): out = a + b over the rows of device matrices, for
-// the composites written once for both backends (TransformerBlock's residual additions).
+// RowOps<cuda> (layers/row_ops.hpp): out = a + b and out = a over the rows of device
+// matrices, for the composites written once for both backends (TransformerBlock, MoEStack).
 #include "smoe/cuda/execution.cuh"
 #include "smoe/cuda/numeric.cuh"
-#include "smoe/layers/transformer_block.hpp"
+#include "smoe/layers/row_ops.hpp"
 
 namespace smoe {
 
 namespace cuda_kernels {
 
+// out = a + b, or out = a when b is null.
 template <class T>
 struct AddRows {
   const T* a;
@@ -17,7 +18,7 @@ struct AddRows {
   index_t lda, ldb, ldo, cols;
   SMOE_HOST_DEVICE void operator()(index_t i) const {
     const index_t r = i / cols, c = i % cols;
-    out[r * ldo + c] = from_acc<T>(to_acc(a[r * lda + c]) + to_acc(b[r * ldb + c]));
+    out[r * ldo + c] = b ? from_acc<T>(to_acc(a[r * lda + c]) + to_acc(b[r * ldb + c])) : a[r * lda + c];
   }
 };
 
@@ -31,6 +32,12 @@ struct RowOps<cuda> {
     expect_shape("RowOps<cuda>::add", "out", out, a.rows, a.cols);
     cuda_kernels::for_each_index(stream, a.rows * a.cols,
                                  cuda_kernels::AddRows<T>{a.data, b.data, out.data, a.stride, b.stride, out.stride, a.cols});
+  }
+  template <class T>
+  static void copy(ConstMatrixView<T, cuda> a, MatrixView<T, cuda> out, cuda_stream stream) {
+    expect_shape("RowOps<cuda>::copy", "out", out, a.rows, a.cols);
+    cuda_kernels::for_each_index(stream, a.rows * a.cols,
+                                 cuda_kernels::AddRows<T>{a.data, nullptr, out.data, a.stride, 0, out.stride, a.cols});
   }
 };
 

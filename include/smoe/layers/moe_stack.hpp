@@ -27,6 +27,7 @@
 #include "smoe/layers/accounting.hpp"
 #include "smoe/layers/layer_parameters.hpp"
 #include "smoe/layers/moe.hpp"
+#include "smoe/layers/row_ops.hpp"
 
 namespace smoe {
 
@@ -48,17 +49,23 @@ constexpr const char* pool_parameter_prefix() {
     return "experts.";  // a tied set (FeedForwardExperts): "experts.w1" [E, d, fan·G]
 }
 
-template <class T>
+// LayerOutput: what a layer's forward returns (a device layer's keeps its losses on the device,
+// and aux_loss is then 0 here: read each layer's read_losses()).
+template <class T, class LayerOutput = MoEOutput<T>>
 struct StackOutput {
-  T aux_loss = 0;                    // Σ_l aux_l
-  std::vector<MoEOutput<T>> layers;  // each layer's output (losses, routing statistics)
+  T aux_loss = 0;                   // Σ_l aux_l
+  std::vector<LayerOutput> layers;  // each layer's output (losses, routing statistics)
 };
 
+// On the CPU or the device (the layers' backend; a device stack runs on its first layer's stream).
 template <class Layer, class Pool = NoPool>
 class MoEStack {
  public:
   using scalar_type = typename Layer::scalar_type;
   using T = scalar_type;
+  using backend = backend_of_t<Layer>;
+  using layer_output = decltype(std::declval<Layer&>().forward(std::declval<ConstMatrixView<T, backend>>(),
+                                                               std::declval<MatrixView<T, backend>>(), Mode::eval));
   static constexpr const char* name = "MoEStack";
 
   // Layers over a shared pool: make_layer(Pool&, index_t l) returns layer l.
@@ -87,40 +94,47 @@ class MoEStack {
       for_each_layer_parameter(layers_[l], with_prefix("layers." + std::to_string(l) + ".", f));
   }
 
-  StackOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, Mode mode = Mode::eval) {
+  StackOutput<T, layer_output> forward(ConstMatrixView<T, backend> x, MatrixView<T, backend> y, Mode mode = Mode::eval) {
     const index_t tokens = x.rows, d = d_model();
     expect_shape(name, "x", x, tokens, d);
     expect_shape(name, "y", y, tokens, d);
-    StackOutput<T> out;
+    StackOutput<T, layer_output> out;
     h_.resize(layers_.size());
-    ConstMatrixView<T> in = x;
+    ConstMatrixView<T, backend> in = x;
     for (index_t l = 0; l < layers(); ++l) {
+      follow_stream(h_[l]);
       h_[l].resize({tokens, d});
-      const MatrixView<T> next = h_[l].matrix();
+      const MatrixView<T, backend> next = h_[l].matrix();
       out.layers.push_back(layers_[l].forward(in, next, mode));
-      out.aux_loss += out.layers.back().aux_loss;
-      add_rows(in, next);  // x_{l+1} = x_l + Layer_l(x_l)
+      if constexpr (!std::is_pointer_v<decltype(out.layers.back().aux_loss)>) out.aux_loss += out.layers.back().aux_loss;
+      RowOps<backend>::add(in, ConstMatrixView<T, backend>(next), next, stream());  // x_{l+1} = x_l + Layer_l(x_l)
       in = next;
     }
-    for (index_t t = 0; t < tokens; ++t) std::copy_n(in.row(t), d, y.row(t));
+    RowOps<backend>::copy(in, y, stream());
     tokens_ = tokens;
     return out;
   }
 
-  void backward(ConstMatrixView<T> dy, MatrixView<T> dx) {
+  void backward(ConstMatrixView<T, backend> dy, MatrixView<T, backend> dx) {
     if (tokens_ < 0) fail(name, ": backward called before forward");
     const index_t d = d_model();
     expect_shape(name, "dy", dy, tokens_, d);
     expect_shape(name, "dx", dx, tokens_, d);
+    follow_stream(g_);
+    follow_stream(dl_);
     g_.resize({tokens_, d});
     dl_.resize({tokens_, d});
-    for (index_t t = 0; t < tokens_; ++t) std::copy_n(dy.row(t), d, g_.data() + t * d);
+    RowOps<backend>::copy(dy, g_.matrix(), stream());
     for (index_t l = layers() - 1; l >= 0; --l) {
       layers_[l].backward(std::as_const(g_).matrix(), dl_.matrix());
-      add_rows(std::as_const(dl_).matrix(), g_.matrix());  // g_l = g_{l+1} + J_lᵀ g_{l+1}
+      // g_l = g_{l+1} + J_lᵀ g_{l+1}
+      RowOps<backend>::add(std::as_const(dl_).matrix(), std::as_const(g_).matrix(), g_.matrix(), stream());
     }
-    for (index_t t = 0; t < tokens_; ++t) std::copy_n(g_.data() + t * d, d, dx.row(t));
+    RowOps<backend>::copy(std::as_const(g_).matrix(), dx, stream());
   }
+
+  // A device stack's stream: its first layer's.
+  auto stream() const { return detail::stream_of(layers_.front()); }
 
   // Accounting of the whole stack, the pool counted once (no attention or embeddings here).
   ModelAccounting accounting() const {
@@ -144,22 +158,16 @@ class MoEStack {
       expect_equal(name, "d_model of every layer (= layer 0's)", layers_[0].d_model(), layers_[l].d_model());
   }
 
-  // b += a, row by row, in fixed token blocks.
-  static void add_rows(ConstMatrixView<T> a, MatrixView<T> b) {
-    detail::elementwise_blocks(a.rows, 64, [&](index_t first, index_t last) {
-      for (index_t t = first; t < last; ++t) {
-        const T* in = a.row(t);
-        T* out = b.row(t);
-        for (index_t c = 0; c < a.cols; ++c) out[c] += in[c];
-      }
-    });
+  // Device buffers allocate on the stack's stream (no-op on the CPU).
+  void follow_stream(Tensor<T, backend>& t) {
+    if constexpr (requires { t.set_stream(stream()); }) t.set_stream(stream());
   }
 
   std::unique_ptr<Pool> pool_;
   std::vector<Layer> layers_;
   index_t tokens_ = -1;
-  std::vector<Tensor<T>> h_;  // x_1 … x_L
-  Tensor<T> g_, dl_;
+  std::vector<Tensor<T, backend>> h_;  // x_1 … x_L
+  Tensor<T, backend> g_, dl_;
 };
 
 }  // namespace smoe

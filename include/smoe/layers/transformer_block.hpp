@@ -21,6 +21,7 @@
 // Attention is any type with d_model(), forward(x, y, sequences) and backward(dy, dx), such as
 // CausalSelfAttention; Norm (RMSNorm by default, or LayerNorm) any type with d_model(),
 // forward(x, y), backward(dy, dx) and a config() whose type has d_model (and eps).
+#include <algorithm>
 #include <cmath>
 #include <string_view>
 #include <type_traits>
@@ -35,6 +36,7 @@
 #include "smoe/layers/feed_forward.hpp"
 #include "smoe/layers/layer_parameters.hpp"
 #include "smoe/layers/rms_norm.hpp"
+#include "smoe/layers/row_ops.hpp"
 #include "smoe/layers/timing.hpp"
 
 namespace smoe {
@@ -72,37 +74,6 @@ Norm make_norm(index_t d, double eps) {
 inline void check_norm_eps(const char* context, double eps) {
   if (!(eps >= 0) || !std::isfinite(eps))
     fail(context, ": norm_eps must be finite and >= 0 (0: the norm's default), got ", eps);
-}
-
-}  // namespace detail
-
-// out = a + b over rows in memory space Space (a, b, out [N, d]; out may be a or b), ordered on
-// `stream` (ignored on the CPU). RowOps<cpu> is here; RowOps<cuda> in cuda/row_ops.cuh.
-template <class Space>
-struct RowOps;
-template <>
-struct RowOps<cpu> {
-  template <class T, class Stream>
-  static void add(ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> out, Stream) {
-    cpu_kernels::parallel_for_blocks(out.rows, 64, [&](index_t first, index_t last) {
-      for (index_t t = first; t < last; ++t) {
-        const T *pa = a.row(t), *pb = b.row(t);
-        T* po = out.row(t);
-        for (index_t c = 0; c < out.cols; ++c) po[c] = pa[c] + pb[c];
-      }
-    });
-  }
-};
-
-namespace detail {
-
-// The stream a device part runs on (its stream()), or 0 for a CPU part.
-template <class C>
-auto stream_of(const C& c) {
-  if constexpr (requires { c.stream(); })
-    return c.stream();
-  else
-    return 0;
 }
 
 template <class C>
