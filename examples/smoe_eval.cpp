@@ -171,8 +171,6 @@ Spec parse_spec(const json& j) {
   } else {
     s.capacity_factor = optional_number(j, "capacity_factor", 0.0);
     if (s.capacity_factor < 0.0) fail("SPEC: \"capacity_factor\" must be >= 0 (0 = dropless), got ", s.capacity_factor);
-    if (s.capacity_factor > 0.0 && s.backend == BackendKind::cuda)
-      fail("SPEC: \"capacity_factor\" > 0 is not available on the cuda backend yet");
   }
   s.load_coef = optional_number(j, "load_coef", 0.0);
   if (s.load_coef < 0.0) fail("SPEC: \"load_coef\" must be >= 0, got ", s.load_coef);

@@ -51,6 +51,7 @@ smoe::io::SafetensorsWriter evaluate_device(Layer& layer, const Spec& spec, cons
 
   const auto xd = smoe::to_device(x);
   smoe::Tensor<T, smoe::cuda> yd({tokens, d});
+  layer.capacity.capacity_factor = spec.capacity_factor;
   layer.validate_inputs = true;
   layer.forward(xd.matrix(), yd.matrix(), spec.mode);
 
@@ -65,8 +66,9 @@ smoe::io::SafetensorsWriter evaluate_device(Layer& layer, const Spec& spec, cons
   for (index_t e = 0; e < E; ++e) counts[e] = stats.tokens_per_expert[static_cast<std::size_t>(e)];
   out.add("expert_counts", counts);
   out.add("routing.tokens_per_expert", counts);
-  // Without capacity the dispatched ids are the router's.
-  const auto ids = smoe::to_host(layer.routing().experts);
+  // The dispatched routing: the router's ids with capacity-dropped assignments set to −1, and
+  // their gates (0 at −1), as the CPU run writes them.
+  const auto ids = smoe::to_host(layer.dispatched_experts());
   auto gates = smoe::to_host<T>(layer.routing().gates);
   for (index_t i = 0; i < gates.size(); ++i)
     if (ids[i] < 0) gates[i] = T(0);

@@ -132,8 +132,6 @@ inline StackSpec parse_stack_spec(const json& j) {
   s.coef = parse_coefficients(j, true, "router \"" + router + "\"");
   s.capacity_factor = optional_number(j, "capacity_factor", 0.0);
   if (s.capacity_factor < 0.0) fail("SPEC: \"capacity_factor\" must be >= 0 (0 = dropless), got ", s.capacity_factor);
-  if (s.capacity_factor > 0.0 && s.backend == BackendKind::cuda)
-    fail("SPEC: \"capacity_factor\" > 0 is not available on the cuda backend yet");
 
   s.pool = choice<PoolKind>(j, "pool", stack_spec_detail::pool_names, "per_layer");
   const bool samoe = s.pool == PoolKind::samoe_weight || s.pool == PoolKind::samoe_output;

@@ -210,7 +210,7 @@ AnyLayer<T, B> assemble_moe(const StackSpec& s, R router, X experts) {
                   smoe::SwitchBalanceLoss<T, B>(s.coef.switch_balance), smoe::RouterZLoss<T, B>(s.coef.z),
                   smoe::EntropyLoss<T, B>(s.coef.entropy), smoe::ImportanceLoss<T, B>(s.coef.importance));
   layer.validate_inputs = true;
-  layer.capacity.capacity_factor = s.capacity_factor;  // 0 on the device (the SPEC parser refuses more)
+  layer.capacity.capacity_factor = s.capacity_factor;
   return AnyLayer<T, B>(std::move(layer));
 }
 

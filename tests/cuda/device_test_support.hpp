@@ -134,6 +134,7 @@ void check_layer(HostLayer& host, DeviceLayer& device, index_t tokens, std::uint
     const RoutingStats stats = device.routing_stats();
     CHECK(stats.tokens_per_expert == out.stats.tokens_per_expert);
     CHECK(stats.tokens_without_expert == out.stats.tokens_without_expert);
+    CHECK(stats.dropped == out.stats.dropped);
     CHECK(stats.routing_entropy == Approx(out.stats.routing_entropy).epsilon(1e-5));
   }
 }

@@ -1018,12 +1018,11 @@ CUDA_ROUTERS = {"softmax_topk", "sigmoid_topk", "hash", "group_topk"}
 
 
 def cuda_cases(all_cases):
-    """The cases the CUDA backend runs (single layers of its routers, and stacks), with "backend": "cuda"
-    (no expert capacity yet)."""
+    """The cases the CUDA backend runs (single layers of its routers, and stacks), with "backend": "cuda"."""
     out = []
     for case in all_cases:
         spec = case["spec"]
-        if spec["router"] not in CUDA_ROUTERS or spec.get("capacity_factor", 0) > 0:
+        if spec["router"] not in CUDA_ROUTERS:
             continue
         out.append({**case, "name": case["name"] + "_cuda", "spec": {**spec, "backend": "cuda"}})
     if not out:

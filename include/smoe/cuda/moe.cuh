@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "smoe/cuda/capacity.cuh"
 #include "smoe/cuda/dispatch.cuh"
 #include "smoe/cuda/validate.cuh"
 #include "smoe/cuda/weighted_sum.cuh"
@@ -60,7 +61,7 @@ class MoE<R, X, C, Losses...> {
 
   // NaN/Inf checks of x and dy copy them to the host and wait for the stream: opt-in on the device.
   bool validate_inputs = false;
-  // Expert capacity is not on the CUDA backend yet: enabling it is refused at forward.
+  // Expert capacity for token-choice routers (cuda/capacity.cuh); dropless by default.
   CapacityPolicy capacity{};
 
   MoE(R router, X experts, C combiner = {}, Losses... losses)
@@ -80,8 +81,8 @@ class MoE<R, X, C, Losses...> {
   C& combiner() { return combiner_; }
   std::tuple<Losses...>& losses() { return losses_; }
   const Routing<G, cuda>& routing() const { return routing_; }
-  // The ids the dispatch used (without capacity on the device: the router's).
-  const Tensor<std::int32_t, cuda>& dispatched_experts() const { return routing_.experts; }
+  // The router's ids with capacity-dropped assignments set to −1: what the experts computed.
+  const Tensor<std::int32_t, cuda>& dispatched_experts() const { return dispatched_; }
   const Dispatch<G, cuda>& dispatch() const { return dispatch_; }
 
   cuda_stream stream() const { return stream_; }
@@ -92,6 +93,8 @@ class MoE<R, X, C, Losses...> {
     dispatch_.set_stream(s);
     for (auto* t : {&ys_, &dys_}) t->set_stream(s);
     for (auto* t : {&d_gates_, &d_logits_, &loss_values_, &aux_loss_}) t->set_stream(s);
+    for (auto* t : {&dispatched_, &dropped_}) t->set_stream(s);
+    capacity_scratch_.set_stream(s);
   }
 
   template <class F>
@@ -109,14 +112,16 @@ class MoE<R, X, C, Losses...> {
     const index_t tokens = x.rows, d = d_model(), E = n_experts();
     expect_shape(name, "x", x, tokens, d);
     expect_shape(name, "y", y, tokens, d);
-    if (capacity.enabled()) fail(name, ": expert capacity is not available on the CUDA backend yet");
+    if constexpr (requires { R::token_choice; })
+      if (!R::token_choice && capacity.enabled())
+        fail(name, ": capacity applies to token-choice routers; ", R::name, " sets its own capacity");
     if (validate_inputs) check_finite(name, "x", x, stream_);
     x_ = x;
     has_forward_ = true;
     router_.forward(x_, routing_, mode);
     expect_shape(name, "router output experts", std::as_const(routing_.experts).matrix(), tokens, k());
-    build_dispatch(std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_,
-                   stream_);
+    apply_capacity(capacity, E, routing_, dispatched_, dropped_, capacity_scratch_, stream_);
+    build_dispatch(std::as_const(dispatched_).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_, stream_);
     ys_.resize({dispatch_.slots(), d});
     experts_.forward(x_, dispatch_, ys_.matrix());
     combiner_.forward(dispatch_, std::as_const(ys_).matrix(), y);
@@ -164,6 +169,7 @@ class MoE<R, X, C, Losses...> {
     host.logits = to_host(routing_.logits);
     host.experts = to_host(routing_.experts);
     host.gates = to_host(routing_.gates);
+    host.dropped = to_host(dropped_)[0];
     return compute_routing_stats(host, to_host(dispatch_));
   }
   // Whether the last forward's router produced ids outside [-1, E) (waits for the stream).
@@ -181,6 +187,8 @@ class MoE<R, X, C, Losses...> {
   Dispatch<G, cuda> dispatch_;
   Tensor<T, cuda> ys_, dys_;
   Tensor<G, cuda> d_gates_, d_logits_, loss_values_, aux_loss_;
+  Tensor<std::int32_t, cuda> dispatched_, dropped_;  // ids after capacity [T, K]; assignments dropped [1]
+  CapacityScratch capacity_scratch_;
 };
 
 }  // namespace smoe
