@@ -3,6 +3,7 @@
 // dispatch, routers, experts, combiner, losses and the MoE layer. CPU-only code includes
 // <smoe/smoe.hpp>, which never includes this.
 #include "smoe/cuda/adamw.cuh"
+#include "smoe/cuda/attention.cuh"
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/dispatch.cuh"
 #include "smoe/cuda/execution.cuh"
@@ -20,6 +21,7 @@
 #include "smoe/cuda/topk.cuh"
 #include "smoe/cuda/topk_router.cuh"
 #include "smoe/cuda/transfer.cuh"
+#include "smoe/cuda/validate.cuh"
 #include "smoe/cuda/weighted_sum.cuh"
 #include "smoe/routing/sigmoid_topk.hpp"
 #include "smoe/routing/softmax_topk.hpp"
