@@ -3,6 +3,7 @@
 // dispatch, routers, experts, combiner, losses and the MoE layer. CPU-only code includes
 // <smoe/smoe.hpp>, which never includes this.
 #include "smoe/cuda/adamw.cuh"
+#include "smoe/cuda/attention.cuh"
 #include "smoe/cuda/capacity.cuh"
 #include "smoe/cuda/dense_gemm.cuh"
 #include "smoe/cuda/dense_mlp.cuh"

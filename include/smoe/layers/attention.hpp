@@ -28,6 +28,7 @@
 #include <cmath>
 #include <limits>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
@@ -65,18 +66,13 @@ struct AttentionConfig {
   }
 };
 
-template <class T>
-class CausalSelfAttention {
- public:
-  using scalar_type = T;
-  using backend = cpu;
-  static constexpr const char* name = "CausalSelfAttention";
-  bool validate_inputs = validate_by_default;
+namespace detail {
 
-  explicit CausalSelfAttention(AttentionConfig c)
-      : config_(resolve(c)),
-        qkv_weight_({config_.d_model, qkv_width()}),
-        out_weight_({config_.heads * config_.head_dim, config_.d_model}) {}
+// What both backends' CausalSelfAttention share: the resolved config, the sizes it implies, the
+// accounting and the forward's argument checks.
+class AttentionShape {
+ public:
+  explicit AttentionShape(AttentionConfig c) : config_(resolve(c)) {}
 
   // The config with kv_heads and head_dim resolved.
   const AttentionConfig& config() const { return config_; }
@@ -85,16 +81,6 @@ class CausalSelfAttention {
   index_t kv_heads() const { return config_.kv_heads; }
   index_t head_dim() const { return config_.head_dim; }
   index_t qkv_width() const { return (config_.heads + 2 * config_.kv_heads) * config_.head_dim; }
-  Parameter<T>& qkv_weight() { return qkv_weight_; }
-  Parameter<T>& out_weight() { return out_weight_; }
-  // Per-row log-sum-exp of the scaled scores of the last forward, [B·L, H].
-  const Tensor<T>& log_sum_exp() const { return lse_; }
-
-  template <class F>
-  void for_each_parameter(F&& f) {
-    f(std::string_view("qkv.weight"), qkv_weight_);
-    f(std::string_view("out.weight"), out_weight_);
-  }
 
   // Accounting. Every weight takes part in every token.
   index_t total_parameters() const { return d_model() * qkv_width() + heads() * head_dim() * d_model(); }
@@ -107,20 +93,65 @@ class CausalSelfAttention {
   // each costing 2·H·d_head for the score and 2·H·d_head for the value, so
   //   flops = 2·(d·(H + 2·H_kv)·d_head + H·d_head·d) + 2·H·d_head·(context + 1).
   double flops_per_token(index_t context) const {
-    if (context < 1) fail(name, ": context must be >= 1, got ", context);
+    if (context < 1) fail("CausalSelfAttention: context must be >= 1, got ", context);
     return flops_per_token() + 2.0 * double(heads() * head_dim()) * double(context + 1);
+  }
+
+ protected:
+  static AttentionConfig resolve(AttentionConfig c) {
+    c.validate("CausalSelfAttention");
+    if (c.kv_heads == 0) c.kv_heads = c.heads;
+    if (c.head_dim == 0) c.head_dim = c.d_model / c.heads;
+    return c;
+  }
+
+  template <class X, class Y>
+  void check_forward(const char* name, const X& x, const Y& y, index_t sequences, index_t position_offset) const {
+    if (sequences < 1) fail(name, ": sequences must be >= 1, got ", sequences);
+    if (position_offset < 0) fail(name, ": position_offset must be >= 0, got ", position_offset);
+    expect_shape(name, "x", x, x.rows, d_model());
+    if (x.rows % sequences != 0)
+      fail(name, ": x rows (B·L) must be a multiple of sequences = ", sequences, ", got ", x.rows);
+    expect_shape(name, "y", y, x.rows, d_model());
+  }
+
+  AttentionConfig config_;
+};
+
+}  // namespace detail
+
+// Backend = smoe::cuda: the device twin in <smoe/cuda/attention.cuh>.
+template <class T, class Backend = cpu>
+class CausalSelfAttention : public detail::AttentionShape {
+  static_assert(std::is_same_v<Backend, cpu>, "CausalSelfAttention<T, cuda> needs <smoe/cuda/attention.cuh>");
+
+ public:
+  using scalar_type = T;
+  using backend = cpu;
+  static constexpr const char* name = "CausalSelfAttention";
+  bool validate_inputs = validate_by_default;
+
+  explicit CausalSelfAttention(AttentionConfig c)
+      : AttentionShape(c),
+        qkv_weight_({config_.d_model, qkv_width()}),
+        out_weight_({config_.heads * config_.head_dim, config_.d_model}) {}
+
+  Parameter<T>& qkv_weight() { return qkv_weight_; }
+  Parameter<T>& out_weight() { return out_weight_; }
+  // Per-row log-sum-exp of the scaled scores of the last forward, [B·L, H].
+  const Tensor<T>& log_sum_exp() const { return lse_; }
+
+  template <class F>
+  void for_each_parameter(F&& f) {
+    f(std::string_view("qkv.weight"), qkv_weight_);
+    f(std::string_view("out.weight"), out_weight_);
   }
 
   // x, y [B·L, d] with B = sequences (>= 1); positions restart at position_offset per sequence.
   void forward(ConstMatrixView<T> x, MatrixView<T> y, index_t sequences, index_t position_offset = 0) {
     using namespace cpu_kernels;
     const index_t d = d_model();
-    if (sequences < 1) fail(name, ": sequences must be >= 1, got ", sequences);
-    if (position_offset < 0) fail(name, ": position_offset must be >= 0, got ", position_offset);
-    expect_shape(name, "x", x, x.rows, d);
-    if (x.rows % sequences != 0)
-      fail(name, ": x rows (B·L) must be a multiple of sequences = ", sequences, ", got ", x.rows);
-    expect_shape(name, "y", y, x.rows, d);
+    check_forward(name, x, y, sequences, position_offset);
     if (validate_inputs) check_finite(name, "x", x);
     const index_t N = x.rows, H = heads(), G = kv_heads(), dh = head_dim(), W = qkv_width();
     sequences_ = sequences;
@@ -191,13 +222,6 @@ class CausalSelfAttention {
   struct Scratch {
     Tensor<T> s, dp, acc, acc2, m, l;  // scores/probabilities, dP/dS, accumulators, row max and sum
   };
-
-  static AttentionConfig resolve(AttentionConfig c) {
-    c.validate(name);
-    if (c.kv_heads == 0) c.kv_heads = c.heads;
-    if (c.head_dim == 0) c.head_dim = c.d_model / c.heads;
-    return c;
-  }
 
   index_t blocks() const { return (length_ + config_.block - 1) / config_.block; }
   T scale() const { return T(1.0 / std::sqrt(double(head_dim()))); }
@@ -356,7 +380,6 @@ class CausalSelfAttention {
     });
   }
 
-  AttentionConfig config_;
   Parameter<T> qkv_weight_, out_weight_;
   index_t sequences_ = 0, length_ = 0;
   RotaryTable<T> rope_;

@@ -13,6 +13,27 @@
 
 namespace smoe {
 
+// The rotation angle p·θ_i of pair i at position p, in double; shared with the device build of the
+// table (cuda/attention.cuh) so both sides round the same values to T.
+SMOE_HOST_DEVICE double rope_angle(double base, index_t d_head, index_t i, index_t p) {
+  using std::pow;
+  return double(p) * pow(base, -2.0 * double(i) / double(d_head));
+}
+
+// Rotates the pair (a, b) = (x_i, x_{i+h}) by the angle with cosine c and sine s; back = the
+// inverse rotation (the backward).
+template <class T>
+SMOE_HOST_DEVICE void rope_rotate_pair(T& a, T& b, T c, T s, bool back) {
+  const T x = a, y = b;
+  if (back) {
+    a = x * c + y * s;
+    b = y * c - x * s;
+  } else {
+    a = x * c - y * s;
+    b = y * c + x * s;
+  }
+}
+
 template <class T>
 class RotaryTable {
  public:
@@ -27,9 +48,8 @@ class RotaryTable {
     cos_.resize({count, half_});
     sin_.resize({count, half_});
     for (index_t i = 0; i < half_; ++i) {
-      const double theta = std::pow(base, -2.0 * double(i) / double(d_head));
       for (index_t p = 0; p < count; ++p) {
-        const double a = double(first + p) * theta;
+        const double a = rope_angle(base, d_head, i, first + p);
         cos_[p * half_ + i] = T(std::cos(a));
         sin_[p * half_ + i] = T(std::sin(a));
       }
@@ -43,22 +63,14 @@ class RotaryTable {
   void rotate(T* v, index_t p) const {
     const T* c = cos_.data() + p * half_;
     const T* s = sin_.data() + p * half_;
-    for (index_t i = 0; i < half_; ++i) {
-      const T a = v[i], b = v[i + half_];
-      v[i] = a * c[i] - b * s[i];
-      v[i + half_] = b * c[i] + a * s[i];
-    }
+    for (index_t i = 0; i < half_; ++i) rope_rotate_pair(v[i], v[i + half_], c[i], s[i], false);
   }
 
   // The transpose (inverse) rotation: maps the gradient of rotate's output to that of its input.
   void rotate_back(T* v, index_t p) const {
     const T* c = cos_.data() + p * half_;
     const T* s = sin_.data() + p * half_;
-    for (index_t i = 0; i < half_; ++i) {
-      const T a = v[i], b = v[i + half_];
-      v[i] = a * c[i] + b * s[i];
-      v[i + half_] = b * c[i] - a * s[i];
-    }
+    for (index_t i = 0; i < half_; ++i) rope_rotate_pair(v[i], v[i + half_], c[i], s[i], true);
   }
 
  private:
