@@ -1,32 +1,18 @@
 // TransformerBlock written once for both backends: a block of device parts against the same block
-// of CPU parts, forward and backward over several steps. The parts here are stand-ins with CPU and
-// device twins (a small MLP in the attention's and the norms' places, a sigma-MoE FFN), so the test
-// checks the block's own work: the residual additions, the order of the parts, the gradient flow.
+// of CPU parts, forward and backward over several steps: causal self-attention (grouped-query,
+// RoPE), a sigma-MoE FFN, and in the norms' places a small MLP (any part with the norm's
+// interface), so the test checks the block's own work: the residual additions, the order of the
+// parts, the gradient flow.
 #include "device_test_support.hpp"
 
 namespace block_test {
 
-// Attention's place: any part with forward(x, y, sequences) and backward(dy, dx).
-template <class T, class Backend>
-struct MlpMixer {
-  using scalar_type = T;
-  using backend = Backend;
-  DenseMLP<T, Gelu, Backend> mlp;
-  index_t d_model() const { return mlp.d_model(); }
-  void forward(ConstMatrixView<T, Backend> x, MatrixView<T, Backend> y, index_t) { mlp.forward(x, y); }
-  void backward(ConstMatrixView<T, Backend> dy, MatrixView<T, Backend> dx) { mlp.backward(dy, dx); }
-  template <class F>
-  void for_each_parameter(F&& f) {
-    mlp.for_each_parameter(f);
-  }
-};
-
 template <class Backend>
 auto make_block(index_t d) {
-  using Mixer = MlpMixer<float, Backend>;
   using Norm = DenseMLP<float, Relu, Backend>;
   const TopKRouterConfig rc{.d_model = d, .experts = 6, .k = 2};
-  return TransformerBlock(Norm({.d_model = d, .hidden = 8}), Mixer{DenseMLP<float, Gelu, Backend>({.d_model = d, .hidden = 12})},
+  return TransformerBlock(Norm({.d_model = d, .hidden = 8}),
+                          CausalSelfAttention<float, Backend>({.d_model = d, .heads = 4, .kv_heads = 2, .block = 4}),
                           Norm({.d_model = d, .hidden = 8, .bias = true}),
                           MoE(SigmoidTopK<float, Backend>(rc), ReluExperts<float, Backend>({d, 6, 10}),
                               WeightedSum<float, Backend>{}, EntropyLoss<float, Backend>(0.01)));
