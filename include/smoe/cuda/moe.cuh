@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "smoe/cuda/dispatch.cuh"
+#include "smoe/cuda/validate.cuh"
 #include "smoe/cuda/weighted_sum.cuh"
 #include "smoe/layers/moe.hpp"
 
@@ -40,21 +41,6 @@ struct WeightedTotal {
     *total = sum;
   }
 };
-
-// Throws smoe::error naming the first non-finite element of a device matrix: one copy to the host
-// (and one wait for the stream), then the host's check_finite (core/validate.hpp).
-template <class T>
-void check_finite(const char* context, const char* name, ConstMatrixView<T, cuda> m, cuda_stream stream) {
-  if (m.empty()) return;
-  const index_t span = (m.rows - 1) * m.stride + m.cols;
-  std::vector<T> raw(static_cast<std::size_t>(span));
-  copy_bytes(raw.data(), m.data, sizeof(T) * raw.size(), stream);
-  synchronize(stream);
-  Tensor<acc_t<T>> host({m.rows, m.cols});
-  for (index_t r = 0; r < m.rows; ++r)
-    for (index_t c = 0; c < m.cols; ++c) host[r * m.cols + c] = to_acc(raw[r * m.stride + c]);
-  smoe::check_finite(context, name, std::as_const(host).matrix());
-}
 
 }  // namespace cuda_kernels
 
