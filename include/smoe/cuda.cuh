@@ -3,8 +3,10 @@
 // dispatch, routers, experts, combiner, losses and the MoE layer. CPU-only code includes
 // <smoe/smoe.hpp>, which never includes this.
 #include "smoe/cuda/adamw.cuh"
+#include "smoe/cuda/cross_entropy.cuh"
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/dispatch.cuh"
+#include "smoe/cuda/embedding.cuh"
 #include "smoe/cuda/execution.cuh"
 #include "smoe/cuda/feed_forward_experts.cuh"
 #include "smoe/cuda/group_topk_router.cuh"
@@ -15,6 +17,7 @@
 #include "smoe/cuda/losses.cuh"
 #include "smoe/cuda/moe.cuh"
 #include "smoe/cuda/numeric.cuh"
+#include "smoe/cuda/output_projection.cuh"
 #include "smoe/cuda/random.cuh"
 #include "smoe/cuda/rms_norm.cuh"
 #include "smoe/cuda/routing.cuh"
