@@ -4,6 +4,7 @@
 // <smoe/smoe.hpp>, which never includes this.
 #include "smoe/cuda/adamw.cuh"
 #include "smoe/cuda/cross_entropy.cuh"
+#include "smoe/cuda/dense_mlp.cuh"
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/dispatch.cuh"
 #include "smoe/cuda/embedding.cuh"

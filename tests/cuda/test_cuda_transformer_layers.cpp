@@ -366,6 +366,62 @@ inline void check_cross_entropy_errors() {
   REQUIRE_THROWS_WITH(device.backward(logits.matrix(), wrong.matrix()), Catch::Contains("dlogits"));
 }
 
+
+// DenseMLP (plain and Top-K activation): y, dx and every parameter gradient against the CPU, two
+// device runs bitwise equal.
+template <class T, class Act>
+void check_dense_mlp(DenseMLPConfig config, index_t tokens, std::uint64_t seed) {
+  const index_t d = config.d_model;
+  INFO("DenseMLP " << dtype_name<T>() << " " << Act::name << ", d " << d << ", hidden " << config.hidden << ", bias "
+                   << config.bias << ", topk " << config.topk << ", tokens " << tokens);
+  DenseMLP<float, Act> host(config);
+  DenseMLP<T, Act, dev> device(config);
+  randomize_parameters<T>(host, seed, 0.5);
+  copy_parameters_to_device(host, device);
+  const Tensor<float> x = random_rounded<T>(tokens, d, seed + 1), dy = random_rounded<T>(tokens, d, seed + 2);
+  Tensor<float> y({tokens, d}), dx({tokens, d});
+  zero_grad(host);
+  host.forward(x.matrix(), y.matrix());
+  host.backward(dy.matrix(), dx.matrix());
+  const auto xd = to_device<T>(x), dyd = to_device<T>(dy);
+  Outputs runs[2];
+  for (Outputs& run : runs) {
+    zero_grad(device);
+    auto yd = device_nan<T>({tokens, d}), dxd = device_nan<T>({tokens, d});
+    device.forward(xd.matrix(), yd.matrix());
+    device.backward(dyd.matrix(), dxd.matrix());
+    run = {to_host<float>(yd), to_host<float>(dxd)};
+    append_grads(device, run);
+  }
+  const double tol = device_tolerance<T>();
+  require_close_scaled(runs[0][0], y, tol, "y");
+  require_close_scaled(runs[0][1], dx, tol, "dx");
+  std::size_t i = 2;
+  host.for_each_parameter([&](std::string_view name, Parameter<float>& p) {
+    require_close_scaled(runs[0][i++], p.grad, tol, std::string(name) + ".grad");
+  });
+  CHECK(i == runs[0].size());
+  require_bitwise_equal(runs[0], runs[1]);
+}
+
+inline void check_dense_mlp_errors() {
+  using Device = DenseMLP<float, Relu, dev>;
+  Device mlp({.d_model = 3, .hidden = 5});
+  auto x = device_nan<float>({2, 3}), wrong = device_nan<float>({2, 4});
+  REQUIRE_THROWS_WITH(mlp.backward(x.matrix(), x.matrix()), Catch::Contains("backward called before forward"));
+  REQUIRE_THROWS_WITH(mlp.forward(wrong.matrix(), x.matrix()), Catch::Contains("x"));
+  mlp.validate_inputs = true;
+  auto y = device_nan<float>({2, 3});
+  REQUIRE_THROWS_WITH(mlp.forward(x.matrix(), y.matrix()), Catch::Contains("finite"));
+  mlp.validate_inputs = false;
+  x.zero();
+  mlp.forward(x.matrix(), y.matrix());
+  REQUIRE_THROWS_WITH(mlp.backward(wrong.matrix(), y.matrix()), Catch::Contains("dy"));
+  REQUIRE_THROWS_WITH(mlp.backward(y.matrix(), wrong.matrix()), Catch::Contains("dx"));
+  REQUIRE_THROWS_WITH(Device({.d_model = 3, .hidden = 0}), Catch::Contains("hidden"));
+  REQUIRE_THROWS_WITH(Device({.d_model = 3, .hidden = 40, .topk = 33}), Catch::Contains("topk must be <= 32"));
+}
+
 }  // namespace smoe_cuda_transformer_layers_test
 
 using namespace smoe_cuda_transformer_layers_test;
@@ -439,4 +495,19 @@ TEST_CASE("cuda SoftmaxCrossEntropy equals the CPU loss: a device scalar, ignore
   check_cross_entropy_invalid_targets<std::int32_t>();
   check_cross_entropy_invalid_targets<std::int64_t>();
   check_cross_entropy_errors();
+}
+
+TEST_CASE("cuda DenseMLP equals the CPU layer: activations, biases, Top-K activation", "[cuda][transformer][dense]") {
+  check_dense_mlp<float, Relu>({.d_model = 12, .hidden = 20}, 30, 61);
+  check_dense_mlp<float, Gelu>({.d_model = 12, .hidden = 20, .bias = true}, 30, 62);
+  check_dense_mlp<float, SwiGlu>({.d_model = 12, .hidden = 10, .bias = true}, 30, 63);
+  check_dense_mlp<double, SwiGlu>({.d_model = 8, .hidden = 6}, 15, 64);
+  check_dense_mlp<bf16, Relu>({.d_model = 16, .hidden = 24, .bias = true}, 20, 65);
+  check_dense_mlp<fp16, Gelu>({.d_model = 16, .hidden = 24}, 20, 66);
+  check_dense_mlp<float, Relu>({.d_model = 12, .hidden = 20, .topk = 5}, 30, 67);                // Top-K
+  check_dense_mlp<float, Gelu>({.d_model = 12, .hidden = 20, .bias = true, .topk = 20}, 30, 68);  // K = hidden
+  check_dense_mlp<float, SwiGlu>({.d_model = 6, .hidden = 8, .topk = 1}, 9, 69);
+  check_dense_mlp<float, Relu>({.d_model = 6, .hidden = 8, .bias = true}, 1, 70);  // one token
+  check_dense_mlp<float, Relu>({.d_model = 6, .hidden = 8, .bias = true}, 0, 71);  // no tokens
+  check_dense_mlp_errors();
 }

@@ -36,8 +36,10 @@ struct DenseMLPConfig {
   }
 };
 
-template <class T, Activation Act = Relu>
+template <class T, Activation Act = Relu, class Backend = cpu>
 class DenseMLP {
+  static_assert(std::is_same_v<Backend, cpu>, "DenseMLP<T, Act, smoe::cuda> needs <smoe/cuda/dense_mlp.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
