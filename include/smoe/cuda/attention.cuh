@@ -23,6 +23,7 @@
 #include "smoe/core/parameter.hpp"
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/grouped_gemm.cuh"
+#include "smoe/cuda/row_ops.cuh"
 #include "smoe/cuda/validate.cuh"
 #include "smoe/layers/attention.hpp"
 
@@ -207,18 +208,6 @@ struct AttentionBackwardQueryRow {
   }
 };
 
-// dst = src, row by row (x may be a strided view; the layer keeps a dense copy for backward).
-template <class T>
-struct CopyRows {
-  const T* src;
-  index_t src_stride;
-  T* dst;
-  index_t cols;
-  SMOE_HOST_DEVICE void operator()(index_t idx) const {
-    dst[idx] = src[(idx / cols) * src_stride + idx % cols];
-  }
-};
-
 }  // namespace cuda_kernels
 
 template <class T>
@@ -275,7 +264,7 @@ class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
     lse_.resize({N, H});
     if (N == 0) return;
     const AttentionLayout at = layout();
-    for_each_index(stream_, N * d, CopyRows<T>{x.data, x.stride, x_.data(), d});
+    RowOps<cuda>::copy(x, x_.matrix(), stream_);  // x may be a strided view; backward reads a dense copy
     for_each_index(stream_, N * W,
                    RowGemm<T, T, T>{x_.data(), d, nullptr, Strided<T>{qkv_weight_.value.data(), 0, W, 1}, nullptr,
                                     nullptr, 0, nullptr, qkv_.data(), W, d, W, false});

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/tensor.hpp"
@@ -26,8 +27,10 @@ struct CrossEntropyConfig {
   void validate(const char*) const {}
 };
 
-template <class T>
+template <class T, class Backend = cpu>
 class SoftmaxCrossEntropy {
+  static_assert(std::is_same_v<Backend, cpu>, "SoftmaxCrossEntropy<T, smoe::cuda> needs <smoe/cuda/cross_entropy.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

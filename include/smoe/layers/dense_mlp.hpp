@@ -38,7 +38,7 @@ struct DenseMLPConfig {
 
 template <class T, Activation Act = Relu, class Backend = cpu>
 class DenseMLP {
-  static_assert(std::is_same_v<Backend, cpu>, "DenseMLP<T, Act, cuda> needs <smoe/cuda/dense_mlp.cuh>");
+  static_assert(std::is_same_v<Backend, cpu>, "DenseMLP<T, Act, smoe::cuda> needs <smoe/cuda/dense_mlp.cuh>");
 
  public:
   using scalar_type = T;

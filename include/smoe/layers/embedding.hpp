@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
@@ -26,8 +27,10 @@ struct EmbeddingConfig {
   }
 };
 
-template <class T>
+template <class T, class Backend = cpu>
 class Embedding {
+  static_assert(std::is_same_v<Backend, cpu>, "Embedding<T, smoe::cuda> needs <smoe/cuda/embedding.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

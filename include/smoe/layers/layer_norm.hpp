@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string_view>
+#include <type_traits>
 
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
@@ -27,8 +28,10 @@ struct LayerNormConfig {
   }
 };
 
-template <class T>
+template <class T, class Backend = cpu>
 class LayerNorm {
+  static_assert(std::is_same_v<Backend, cpu>, "LayerNorm<T, smoe::cuda> needs <smoe/cuda/layer_norm.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

@@ -12,6 +12,7 @@
 // The forward keeps a copy of x [N, d].
 #include <algorithm>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include "smoe/core/parameter.hpp"
@@ -32,8 +33,10 @@ struct OutputProjectionConfig {
   }
 };
 
-template <class T>
+template <class T, class Backend = cpu>
 class OutputProjection {
+  static_assert(std::is_same_v<Backend, cpu>, "OutputProjection<T, smoe::cuda> needs <smoe/cuda/output_projection.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string_view>
+#include <type_traits>
 
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
@@ -25,8 +26,10 @@ struct RMSNormConfig {
   }
 };
 
-template <class T>
+template <class T, class Backend = cpu>
 class RMSNorm {
+  static_assert(std::is_same_v<Backend, cpu>, "RMSNorm<T, smoe::cuda> needs <smoe/cuda/rms_norm.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

@@ -4,3 +4,4 @@
 #include "test_cuda_gemm_graph.cpp"
 #include "test_cuda_transformer_block.cpp"
 #include "test_cuda_attention.cpp"
+#include "test_cuda_transformer_layers.cpp"
