@@ -1,6 +1,9 @@
 #pragma once
 // RowOps<cuda> (layers/row_ops.hpp): out = a + b and out = a over the rows of device
 // matrices, for the composites written once for both backends (TransformerBlock, MoEStack).
+#include <span>
+
+#include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/execution.cuh"
 #include "smoe/cuda/numeric.cuh"
 #include "smoe/layers/row_ops.hpp"
@@ -38,6 +41,17 @@ struct RowOps<cuda> {
     expect_shape("RowOps<cuda>::copy", "out", out, a.rows, a.cols);
     cuda_kernels::for_each_index(stream, a.rows * a.cols,
                                  cuda_kernels::AddRows<T>{a.data, nullptr, out.data, a.stride, 0, out.stride, a.cols});
+  }
+};
+
+template <>
+struct Upload<cuda> {
+  template <class U>
+  static void copy(std::span<const U> values, Tensor<U, cuda>& out, cuda_stream stream) {
+    out.set_stream(stream);
+    out.resize({index_t(values.size())});
+    cuda_kernels::copy_bytes(out.data(), values.data(), sizeof(U) * values.size(), stream);
+    synchronize(stream);  // the host values may not outlive the call
   }
 };
 

@@ -43,6 +43,7 @@
 #include "smoe/layers/output_projection.hpp"
 #include "smoe/layers/rms_norm.hpp"
 #include "smoe/layers/routing_stats.hpp"
+#include "smoe/layers/row_ops.hpp"
 #include "smoe/layers/timing.hpp"
 #include "smoe/layers/transformer_block.hpp"
 
@@ -83,8 +84,8 @@ struct ModelOutput {
 };
 
 template <class B>
-concept ModelBlock = requires(B& b, const B& cb, ConstMatrixView<typename B::scalar_type> x,
-                              MatrixView<typename B::scalar_type> y, index_t sequences, Mode mode) {
+concept ModelBlock = requires(B& b, const B& cb, ConstMatrixView<typename B::scalar_type, backend_of_t<B>> x,
+                              MatrixView<typename B::scalar_type, backend_of_t<B>> y, index_t sequences, Mode mode) {
   { cb.d_model() } -> std::convertible_to<index_t>;
   b.forward(x, y, sequences, mode);
   b.backward(x, y);
@@ -93,7 +94,7 @@ concept ModelBlock = requires(B& b, const B& cb, ConstMatrixView<typename B::sca
 namespace detail {
 template <class B>
 struct block_norm {
-  using type = RMSNorm<typename B::scalar_type>;
+  using type = RMSNorm<typename B::scalar_type, backend_of_t<B>>;
 };
 template <class B>
   requires requires { typename B::norm_type; }
@@ -113,12 +114,17 @@ std::string shared_prefix() {
 }
 }  // namespace detail
 
+// On the CPU or the device (the blocks' backend). A model of smoe::cuda blocks takes the same host
+// ids and targets, copies them to the device, and reads the loss and the blocks' aux losses back
+// at the end of forward (one wait per step); it reports no routing statistics from forward (each
+// block's block.ffn().routing_stats() does, on request).
 template <ModelBlock Block, class Shared = NoShared>
 class Model {
  public:
   using scalar_type = typename Block::scalar_type;
   using T = scalar_type;
-  using backend = cpu;
+  using backend = backend_of_t<Block>;
+  static constexpr bool on_device = !std::is_same_v<backend, cpu>;
   using block_type = Block;
   using shared_type = Shared;
   using norm_type = typename detail::block_norm<Block>::type;
@@ -137,9 +143,9 @@ class Model {
         shared_(std::move(shared)),
         embed_({.vocab = config.vocab, .d_model = config.d_model}),
         final_norm_(detail::make_norm<norm_type>(config.d_model, config.norm_eps)),
-        head_(config.tie_embeddings ? OutputProjection<T>({.vocab = config.vocab, .d_model = config.d_model},
-                                                          embed_.weight())
-                                    : OutputProjection<T>({.vocab = config.vocab, .d_model = config.d_model})),
+        head_(config.tie_embeddings
+                  ? OutputProjection<T, backend>({.vocab = config.vocab, .d_model = config.d_model}, embed_.weight())
+                  : OutputProjection<T, backend>({.vocab = config.vocab, .d_model = config.d_model})),
         loss_({.ignore_index = config.ignore_index}) {
     blocks_.reserve(static_cast<std::size_t>(config.layers));
     for (index_t l = 0; l < config.layers; ++l) {
@@ -169,17 +175,17 @@ class Model {
   bool tied() const { return head_.tied(); }
 
   Shared& shared() { return shared_; }
-  Embedding<T>& embedding() { return embed_; }
+  Embedding<T, backend>& embedding() { return embed_; }
   Block& block(index_t l) {
     if (l < 0 || l >= layers()) fail(name, ": block index must be in [0, ", layers(), "), got ", l);
     return blocks_[static_cast<std::size_t>(l)];
   }
   std::span<Block> blocks() { return blocks_; }
   norm_type& final_norm() { return final_norm_; }
-  OutputProjection<T>& head() { return head_; }
-  SoftmaxCrossEntropy<T>& loss_function() { return loss_; }
+  OutputProjection<T, backend>& head() { return head_; }
+  SoftmaxCrossEntropy<T, backend>& loss_function() { return loss_; }
   // Logits [N, V] of the last forward; backward overwrites them with their gradient.
-  ConstMatrixView<T> logits() const { return logits_.matrix(); }
+  ConstMatrixView<T, backend> logits() const { return logits_.matrix(); }
 
   // "embed.weight", the shared object's (under its prefix), "blocks.{l}.…", "final_norm.…",
   // "head.weight" (untied only).
@@ -286,7 +292,7 @@ class Model {
   void backward() {
     if (!has_targets_) fail(name, ": backward needs a forward with targets first (one backward per forward)");
     has_targets_ = false;
-    MatrixView<T> g0 = act_[0].matrix(), g1 = act_[1].matrix();
+    MatrixView<T, backend> g0 = act_[0].matrix(), g1 = act_[1].matrix();
     {
       ScopedTimer timer(slot(&ModelTimes::loss_backward));
       loss_.backward(std::as_const(logits_).matrix(), logits_.matrix());  // in place
@@ -297,12 +303,12 @@ class Model {
     }
     {
       ScopedTimer timer(slot(&ModelTimes::final_norm_backward));
-      final_norm_.backward(ConstMatrixView<T>(g0), g1);
+      final_norm_.backward(ConstMatrixView<T, backend>(g0), g1);
     }
-    for (std::size_t l = blocks_.size(); l-- > 0;) blocks_[l].backward(ConstMatrixView<T>(g1), g1);
+    for (std::size_t l = blocks_.size(); l-- > 0;) blocks_[l].backward(ConstMatrixView<T, backend>(g1), g1);
     {
       ScopedTimer timer(slot(&ModelTimes::embedding_backward));
-      embed_.backward(ConstMatrixView<T>(g1));
+      embed_.backward(ConstMatrixView<T, backend>(g1));
     }
   }
 
@@ -330,17 +336,24 @@ class Model {
     }
     has_targets_ = false;
     if (timing_) ++times_.steps;
-    for (Tensor<T>& a : act_) a.resize({N, d});
+    for (Tensor<T, backend>& a : act_) a.resize({N, d});
     logits_.resize({N, V});
     ModelOutput out;
     {
       ScopedTimer timer(slot(&ModelTimes::embedding_forward));
-      embed_.forward(ids, act_[0].matrix());
+      if constexpr (on_device) {
+        Upload<backend>::copy(ids, device_ids<Id>(), detail::stream_of(embed_));
+        embed_.forward(device_ids<Id>(), act_[0].matrix());
+      } else {
+        embed_.forward(ids, act_[0].matrix());
+      }
     }
     int cur = 0;
     for (std::size_t l = 0; l < blocks_.size(); ++l) {
       auto r = blocks_[l].forward(std::as_const(act_[cur]).matrix(), act_[1 - cur].matrix(), sequences, mode);
       collect(r, index_t(l), out);
+      if constexpr (on_device && requires(Block& b) { b.ffn().read_losses(); })
+        out.aux_loss += double(blocks_[l].ffn().read_losses().aux_loss);  // waits for the stream
       cur = 1 - cur;
     }
     {
@@ -353,8 +366,15 @@ class Model {
     }
     if (targets) {
       ScopedTimer timer(slot(&ModelTimes::loss_forward));
-      out.loss = double(loss_.forward(std::as_const(logits_).matrix(), *targets));
-      out.counted = loss_.counted();
+      if constexpr (on_device) {
+        Upload<backend>::copy(*targets, device_targets<Target>(), detail::stream_of(embed_));
+        loss_.forward(std::as_const(logits_).matrix(), device_targets<Target>());
+        out.loss = double(loss_.read_loss());  // waits for the stream
+        out.counted = loss_.read_counted();
+      } else {
+        out.loss = double(loss_.forward(std::as_const(logits_).matrix(), *targets));
+        out.counted = loss_.counted();
+      }
       has_targets_ = true;
     }
     return out;
@@ -371,15 +391,33 @@ class Model {
     }
   }
 
+  // A device model's copies of the ids and targets, by id type.
+  template <class Id>
+  Tensor<Id, backend>& device_ids() {
+    if constexpr (std::is_same_v<Id, std::int32_t>)
+      return ids32_;
+    else
+      return ids64_;
+  }
+  template <class Id>
+  Tensor<Id, backend>& device_targets() {
+    if constexpr (std::is_same_v<Id, std::int32_t>)
+      return targets32_;
+    else
+      return targets64_;
+  }
+
   ModelConfig config_;
   Shared shared_;  // constructed before the blocks that refer to it, destroyed after them
-  Embedding<T> embed_;
+  Embedding<T, backend> embed_;
   std::vector<Block> blocks_;
   norm_type final_norm_;
-  OutputProjection<T> head_;
-  SoftmaxCrossEntropy<T> loss_;
-  Tensor<T> act_[2];  // forward activations, reused as backward gradients
-  Tensor<T> logits_;
+  OutputProjection<T, backend> head_;
+  SoftmaxCrossEntropy<T, backend> loss_;
+  Tensor<T, backend> act_[2];  // forward activations, reused as backward gradients
+  Tensor<T, backend> logits_;
+  Tensor<std::int32_t, backend> ids32_, targets32_;  // device model only
+  Tensor<std::int64_t, backend> ids64_, targets64_;
   bool has_targets_ = false;
   bool timing_ = false;
   ModelTimes times_;

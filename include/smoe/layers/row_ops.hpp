@@ -32,6 +32,12 @@ struct RowOps<cpu> {
   }
 };
 
+// Copies n host values into `out` (resized to [n]) in memory space Space, ordered on `stream`: a
+// model's token ids and targets on their way to a device embedding and loss. Upload<cuda> is in
+// cuda/row_ops.cuh.
+template <class Space>
+struct Upload;
+
 namespace detail {
 
 // The stream a device part runs on (its stream()), or 0 for a CPU part.

@@ -5,3 +5,4 @@
 #include "test_cuda_transformer_block.cpp"
 #include "test_cuda_attention.cpp"
 #include "test_cuda_transformer_layers.cpp"
+#include "test_cuda_model.cpp"
