@@ -13,6 +13,7 @@
 #include "smoe/cuda/linear_scores.cuh"
 #include "smoe/cuda/losses.cuh"
 #include "smoe/cuda/moe.cuh"
+#include "smoe/cuda/noisy_topk_router.cuh"
 #include "smoe/cuda/numeric.cuh"
 #include "smoe/cuda/random.cuh"
 #include "smoe/cuda/routing.cuh"

@@ -1,7 +1,8 @@
 #pragma once
 // MoE<Router, Experts, Combiner, Losses...> of CUDA parts (layers/moe.hpp's layer on the device):
 //   forward:  router → build_dispatch → experts over the slots → combiner; losses write their
-//             values to device scalars and the aux loss Σ coef_i · L_i is summed on the device.
+//             values to device scalars and the aux loss Σ coef_i · L_i (+ a router-owned loss, e.g.
+//             noisy top-k's load loss, from the router's aux_loss_on_device()) is summed on the device.
 //   backward: combiner⁻¹ → losses → experts⁻¹ (dx) → router⁻¹ (dx +=, router gradients).
 // Nothing in forward or backward synchronizes the host: the aux loss and the routing statistics
 // stay on the device until asked for (read_losses, routing_stats), and buffers are sized by the
@@ -20,7 +21,7 @@ namespace smoe {
 // What a device forward returns: device pointers, valid until the layer's next forward.
 template <class G>
 struct MoEDeviceOutput {
-  const G* aux_loss = nullptr;     // Σ coef_i · loss_i (a device scalar)
+  const G* aux_loss = nullptr;     // Σ coef_i · loss_i + the router's own loss (a device scalar)
   const G* loss_values = nullptr;  // loss_i without its coefficient, in template order [n_losses]
   index_t n_losses = 0;
   cuda_stream stream{};
@@ -28,16 +29,21 @@ struct MoEDeviceOutput {
 
 namespace cuda_kernels {
 
+// total[0] = Σ coef_i · values_i + the router's own loss (when it has one), total[1] = that router loss.
 template <class G, std::size_t N>
 struct WeightedTotal {
   G coef[N + 1];
   const G* values;
+  const G* router_loss;  // null for routers without their own loss
   G* total;
   index_t n = N;  // a run-time bound: a loop to a constant 0 draws nvcc's "pointless comparison"
   SMOE_HOST_DEVICE void operator()(index_t) const {
     G sum = 0;
     for (index_t i = 0; i < n; ++i) sum += coef[i] * values[i];
-    *total = sum;
+    const G router = router_loss ? *router_loss : G(0);
+    if (router_loss) sum += router;
+    total[0] = sum;
+    total[1] = router;
   }
 };
 
@@ -134,10 +140,12 @@ class MoE<R, X, C, Losses...> {
     combiner_.forward(dispatch_, std::as_const(ys_).matrix(), y);
 
     loss_values_.resize({static_cast<index_t>(n_losses) + 1});
-    aux_loss_.resize({1});
+    aux_loss_.resize({2});
     std::size_t i = 0;
     std::apply([&](auto&... loss) { (loss.forward(routing_, E, loss_values_.data() + i++), ...); }, losses_);
-    WeightedTotal<G, n_losses> total{{}, loss_values_.data(), aux_loss_.data()};
+    const G* router_loss = nullptr;
+    if constexpr (requires { router_.aux_loss_on_device(); }) router_loss = router_.aux_loss_on_device();
+    WeightedTotal<G, n_losses> total{{}, loss_values_.data(), router_loss, aux_loss_.data()};
     i = 0;
     std::apply([&](auto&... loss) { ((total.coef[i++] = G(loss.coef)), ...); }, losses_);
     for_each_index(stream_, 1, total);
@@ -167,7 +175,9 @@ class MoE<R, X, C, Losses...> {
     MoEOutput<G> out;
     const auto values = to_host(loss_values_);
     out.loss_values.assign(values.data(), values.data() + n_losses);
-    out.aux_loss = to_host(aux_loss_)[0];
+    const auto aux = to_host(aux_loss_);
+    out.aux_loss = aux[0];
+    out.router_loss = aux[1];
     return out;
   }
   // Routing statistics of the last forward (copies the routing to the host; waits for the stream).

@@ -1,0 +1,165 @@
+#include "device_test_support.hpp"
+
+// The routers beyond top-k on the device (noisy top-k, ...), each against its CPU twin: routing
+// outputs, backward (d_logits, dx, every weight gradient) and a whole MoE layer.
+
+namespace smoe_cuda_routers_test {
+
+inline std::vector<std::int32_t> ids_of(const Tensor<std::int32_t>& t) {
+  return std::vector<std::int32_t>(t.data(), t.data() + t.size());
+}
+
+// One forward and backward of a router on both sides (same parameters, same x), compared: logits,
+// ids (exactly), gates; d_logits, dx and every parameter gradient, from random d_gates and d_logits.
+// The device outputs are poisoned with NaN before each call. Returns the device's gates and dx
+// (for bitwise comparisons across runs).
+template <class HostRouter, class DeviceRouter>
+std::vector<float> compare_router_step(HostRouter& host, DeviceRouter& device, const Tensor<float>& x, Mode mode,
+                                       std::uint64_t seed) {
+  const index_t tokens = x.dim(0), d = x.dim(1), E = host.experts(), K = host.k();
+  const auto xd = to_device(x);
+  Routing<float> hr;
+  host.forward(x.matrix(), hr, mode);
+  Routing<float, dev> dr;
+  dr.logits = device_nan<float>({tokens, E});
+  dr.gates = device_nan<float>({tokens, K});
+  device.forward(xd.matrix(), dr, mode);
+  require_close_scaled(to_host(dr.logits), hr.logits, 1e-5, "logits");
+  CHECK(ids_of(to_host(dr.experts)) == ids_of(hr.experts));
+  require_close_scaled(to_host(dr.gates), hr.gates, 1e-5, "gates");
+
+  const Tensor<float> d_gates = random_matrix<float>(tokens, K, seed + 2);
+  Tensor<float> d_logits = random_matrix<float>(tokens, E, seed + 3, 0.1);
+  Tensor<float> dx = random_matrix<float>(tokens, d, seed + 4);
+  auto d_logits_d = to_device(d_logits), dx_d = to_device(dx);
+  zero_grad(host);
+  zero_grad(device);
+  host.backward(x.matrix(), hr, d_gates.matrix(), d_logits.matrix(), dx.matrix());
+  device.backward(xd.matrix(), dr, to_device(d_gates).matrix(), d_logits_d.matrix(), dx_d.matrix());
+  require_close_scaled(to_host(d_logits_d), d_logits, 1e-5, "d_logits");
+  require_close_scaled(to_host(dx_d), dx, 1e-5, "dx");
+  for_each_parameter_pair(host, device, [&](std::string_view name, auto& hp, auto& dp) {
+    require_close_scaled(to_host(dp.grad), hp.grad, 1e-5, std::string(name) + ".grad");
+  });
+  std::vector<float> out;
+  for (const auto& t : {to_host(dr.gates), to_host(dx_d), to_host(d_logits_d)}) out.insert(out.end(), t.data(), t.data() + t.size());
+  return out;
+}
+
+inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// ------------------------------------------------------------------ NoisyTopK
+
+inline void check_noisy(NoisyTopKConfig config, Mode mode, index_t tokens, std::uint64_t seed) {
+  INFO("E " << config.experts << ", k " << config.k << ", load_coef " << config.load_coef << ", tokens " << tokens
+            << (mode == Mode::train ? ", train" : ", eval"));
+  const index_t d = config.d_model, E = config.experts;
+  NoisyTopK<float> host(config);
+  NoisyTopK<float, dev> device(config);
+  host.weight().value = random_matrix<float>(E, d, seed, 0.5);
+  host.noise_weight().value = random_matrix<float>(E, d, seed + 1, 0.5);
+  copy_parameters_to_device(host, device);
+  const Tensor<float> x = random_matrix<float>(tokens, d, seed + 5);
+  for (int step = 0; step < 2; ++step) {  // two steps: the noise follows the step counter
+    compare_router_step(host, device, x, mode, seed + 10 * step);
+    require_close_scaled(to_host(device.noisy_logits()), host.noisy_logits(), 1e-5, "noisy logits");
+    CHECK(device.aux_loss() == Approx(host.aux_loss()).epsilon(1e-5).margin(1e-7));
+    CHECK(device.load_loss() == Approx(host.load_loss()).epsilon(1e-5).margin(1e-7));
+  }
+  CHECK(device.step() == host.step());
+}
+
+}  // namespace smoe_cuda_routers_test
+
+using namespace smoe_cuda_routers_test;
+
+TEST_CASE("cuda NoisyTopK: the CPU's noise, selection, gates, load loss and gradients", "[cuda][router][noisy]") {
+  check_noisy({.d_model = 12, .experts = 8, .k = 2, .seed = 3}, Mode::train, 45, 1);
+  check_noisy({.d_model = 12, .experts = 8, .k = 2, .load_coef = 0.1, .seed = 3}, Mode::train, 45, 2);
+  check_noisy({.d_model = 12, .experts = 8, .k = 2, .load_coef = 0.1, .seed = 3}, Mode::eval, 45, 3);
+  check_noisy({.d_model = 9, .experts = 16, .k = 4, .load_coef = 0.5, .seed = 7}, Mode::train, 300, 4);  // 2 load blocks
+  check_noisy({.d_model = 7, .experts = 5, .k = 1, .load_coef = 0.1, .seed = 1}, Mode::train, 1, 5);     // one token
+  check_noisy({.d_model = 6, .experts = 6, .k = 6, .load_coef = 0.1, .seed = 2}, Mode::train, 20, 6);    // k = E
+  check_noisy({.d_model = 4, .experts = 4, .k = 2, .load_coef = 0.1}, Mode::train, 0, 7);                // no tokens
+  check_noisy({.d_model = 4, .experts = 40, .k = 31, .load_coef = 0.1}, Mode::train, 10, 8);             // largest k
+}
+
+TEST_CASE("cuda NoisyTopK: the noise changes the selection, bitwise reruns, errors", "[cuda][router][noisy]") {
+  const index_t d = 8, E = 8, tokens = 64;
+  NoisyTopKConfig config{.d_model = d, .experts = E, .k = 2, .load_coef = 0.1, .seed = 11};
+  NoisyTopK<float> host(config);
+  NoisyTopK<float, dev> device(config);
+  host.weight().value = random_matrix<float>(E, d, 1, 0.1);
+  host.noise_weight().value = random_matrix<float>(E, d, 2, 0.5);
+  copy_parameters_to_device(host, device);
+  const Tensor<float> x = random_matrix<float>(tokens, d, 3);
+  Routing<float, dev> train, eval;
+  device.forward(to_device(x).matrix(), train, Mode::train);
+  device.forward(to_device(x).matrix(), eval, Mode::eval);
+  CHECK(ids_of(to_host(train.experts)) != ids_of(to_host(eval.experts)));  // the test sees the noise
+
+  device.set_step(0);
+  host.set_step(0);
+  const auto a = compare_router_step(host, device, x, Mode::train, 4);
+  device.set_step(0);
+  host.set_step(0);
+  const auto b = compare_router_step(host, device, x, Mode::train, 4);
+  CHECK(bitwise_equal(a, b));
+
+  Tensor<float, dev> wrong({5, d + 1});
+  Routing<float, dev> r;
+  CHECK_THROWS_WITH(device.forward(std::as_const(wrong).matrix(), r, Mode::train), Catch::Contains("x must be [5, 8], got [5, 9]"));
+  CHECK_THROWS_WITH((NoisyTopK<float, dev>({.d_model = 4, .experts = 64, .k = 32})),
+                    Catch::Contains("k must be <= 31"));
+  CHECK_THROWS_WITH((NoisyTopK<float, dev>({.d_model = 4, .experts = 8, .k = 9})), Catch::Contains("k must be in [1, experts = 8], got 9"));
+}
+
+TEST_CASE("cuda NoisyTopK: bf16 activations on fp32 routing", "[cuda][router][noisy]") {
+  const index_t d = 16, E = 8, tokens = 40;
+  NoisyTopKConfig config{.d_model = d, .experts = E, .k = 2, .load_coef = 0.1, .seed = 5};
+  NoisyTopK<float> host(config);
+  NoisyTopK<bf16, dev> device(config);
+  host.weight().value = random_matrix<float>(E, d, 1, 0.5);
+  host.noise_weight().value = random_matrix<float>(E, d, 2, 0.5);
+  copy_parameters_to_device(host, device);
+  const Tensor<float> x = rounded<bf16>(random_matrix<float>(tokens, d, 3));
+  Routing<float> hr;
+  Routing<float, dev> dr;
+  host.forward(x.matrix(), hr, Mode::train);
+  device.forward(to_device<bf16>(x).matrix(), dr, Mode::train);
+  require_close_scaled(to_host(dr.logits), hr.logits, 1e-5, "logits");  // fp32 sums of bf16-exact inputs
+  CHECK(ids_of(to_host(dr.experts)) == ids_of(hr.experts));
+  require_close_scaled(to_host(dr.gates), hr.gates, 1e-5, "gates");
+  const Tensor<float> d_gates = random_matrix<float>(tokens, 2, 4);
+  Tensor<float> d_logits({tokens, E}), dx({tokens, d});
+  d_logits.zero();
+  dx.zero();
+  auto d_logits_d = to_device(d_logits);
+  auto dx_d = to_device<bf16>(dx);
+  zero_grad(host);
+  zero_grad(device);
+  host.backward(x.matrix(), hr, d_gates.matrix(), d_logits.matrix(), dx.matrix());
+  device.backward(to_device<bf16>(x).matrix(), dr, to_device(d_gates).matrix(), d_logits_d.matrix(), dx_d.matrix());
+  require_close_scaled(to_host<float>(dx_d), dx, 2e-2, "dx");
+  require_close_scaled(to_host(device.noise_weight().grad), host.noise_weight().grad, 1e-5, "noise_weight.grad");
+}
+
+TEST_CASE("cuda MoE with noisy top-k: the router's load loss joins the aux loss", "[cuda][moe][noisy]") {
+  const index_t d = 16, E = 8, G = 12;
+  SECTION("load loss and an importance loss") {
+    NoisyTopKConfig rc{.d_model = d, .experts = E, .k = 2, .load_coef = 0.1, .seed = 4};
+    MoE host(NoisyTopK<float>(rc), ReluExperts<float>({d, E, G}), WeightedSum<float>{}, ImportanceLoss<float>(0.1));
+    MoE device(NoisyTopK<float, dev>(rc), ReluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
+               ImportanceLoss<float, dev>(0.1));
+    check_layer(host, device, 70, 1, 3);
+    CHECK(device.read_losses().router_loss != 0.0f);
+  }
+  SECTION("no load loss, one token") {
+    NoisyTopKConfig rc{.d_model = d, .experts = E, .k = 1, .seed = 4};
+    MoE host(NoisyTopK<float>(rc), GeluExperts<float>({d, E, G}));
+    MoE device(NoisyTopK<float, dev>(rc), GeluExperts<float, dev>({d, E, G}));
+    check_layer(host, device, 1, 2);
+  }
+}
