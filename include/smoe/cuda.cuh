@@ -6,6 +6,7 @@
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/dispatch.cuh"
 #include "smoe/cuda/execution.cuh"
+#include "smoe/cuda/expert_choice_router.cuh"
 #include "smoe/cuda/feed_forward_experts.cuh"
 #include "smoe/cuda/group_topk_router.cuh"
 #include "smoe/cuda/grouped_gemm.cuh"

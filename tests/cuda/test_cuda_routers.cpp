@@ -71,6 +71,19 @@ inline void check_noisy(NoisyTopKConfig config, Mode mode, index_t tokens, std::
   CHECK(device.step() == host.step());
 }
 
+// ------------------------------------------------------------------ ExpertChoiceRouter
+
+inline void check_expert_choice(ExpertChoiceRouterConfig config, index_t tokens, std::uint64_t seed, double x_scale = 1.0) {
+  INFO("E " << config.experts << ", capacity_factor " << config.capacity_factor << ", tokens " << tokens);
+  const index_t d = config.d_model, E = config.experts;
+  ExpertChoiceRouter<float> host(config);
+  ExpertChoiceRouter<float, dev> device(config);
+  host.weight().value = random_matrix<float>(E, d, seed, 0.5);
+  copy_parameters_to_device(host, device);
+  const Tensor<float> x = random_matrix<float>(tokens, d, seed + 5, x_scale);
+  compare_router_step(host, device, x, Mode::train, seed);
+}
+
 }  // namespace smoe_cuda_routers_test
 
 using namespace smoe_cuda_routers_test;
@@ -162,4 +175,53 @@ TEST_CASE("cuda MoE with noisy top-k: the router's load loss joins the aux loss"
     MoE device(NoisyTopK<float, dev>(rc), GeluExperts<float, dev>({d, E, G}));
     check_layer(host, device, 1, 2);
   }
+}
+
+TEST_CASE("cuda ExpertChoiceRouter: the CPU's picks, ties, layout and gradients", "[cuda][router][expert_choice]") {
+  check_expert_choice({.d_model = 12, .experts = 8}, 50, 1);
+  check_expert_choice({.d_model = 12, .experts = 8, .capacity_factor = 0.5}, 64, 2);
+  check_expert_choice({.d_model = 7, .experts = 4, .capacity_factor = 1e9}, 30, 3);  // C = T: every pair
+  check_expert_choice({.d_model = 7, .experts = 16, .capacity_factor = 0.01}, 30, 4); // C = 1
+  check_expert_choice({.d_model = 5, .experts = 3}, 1, 5);                            // one token
+  check_expert_choice({.d_model = 5, .experts = 3}, 0, 6);                            // no tokens
+  check_expert_choice({.d_model = 9, .experts = 6, .capacity_factor = 1.5}, 300, 7);
+  check_expert_choice({.d_model = 4, .experts = 5}, 40, 8, 0.0);  // x = 0: every score ties, smaller tokens win
+
+  SECTION("NaN scores rank below numbers") {
+    const index_t d = 4, E = 4, tokens = 12;
+    ExpertChoiceRouter<float> host({.d_model = d, .experts = E});
+    ExpertChoiceRouter<float, dev> device({.d_model = d, .experts = E});
+    host.weight().value = random_matrix<float>(E, d, 1, 0.5);
+    copy_parameters_to_device(host, device);
+    Tensor<float> x = random_matrix<float>(tokens, d, 2);
+    x[3 * d] = std::numeric_limits<float>::quiet_NaN();
+    Routing<float> hr;
+    Routing<float, dev> dr;
+    host.forward(x.matrix(), hr, Mode::train);
+    device.forward(to_device(x).matrix(), dr, Mode::train);
+    CHECK(ids_of(to_host(dr.experts)) == ids_of(hr.experts));
+    for (index_t j = 0; j < E; ++j) CHECK(to_host(dr.experts)[3 * E + j] == -1);
+  }
+  SECTION("two runs are bitwise equal; errors") {
+    ExpertChoiceRouter<float> host({.d_model = 6, .experts = 5});
+    ExpertChoiceRouter<float, dev> device({.d_model = 6, .experts = 5});
+    host.weight().value = random_matrix<float>(5, 6, 1, 0.5);
+    copy_parameters_to_device(host, device);
+    const Tensor<float> x = random_matrix<float>(33, 6, 2);
+    CHECK(bitwise_equal(compare_router_step(host, device, x, Mode::train, 3), compare_router_step(host, device, x, Mode::train, 3)));
+    Tensor<float, dev> wrong({5, 7});
+    Routing<float, dev> r;
+    CHECK_THROWS_WITH(device.forward(std::as_const(wrong).matrix(), r, Mode::train), Catch::Contains("x must be [5, 6], got [5, 7]"));
+    CHECK_THROWS_WITH((ExpertChoiceRouter<float, dev>({.d_model = 6, .experts = 5, .capacity_factor = 0})),
+                      Catch::Contains("capacity_factor must be finite and > 0"));
+  }
+}
+
+TEST_CASE("cuda MoE with expert choice: tokens with 0..E experts", "[cuda][moe][expert_choice]") {
+  const index_t d = 16, E = 8, G = 12;
+  ExpertChoiceRouterConfig rc{.d_model = d, .experts = E, .capacity_factor = 2.0};
+  MoE host(ExpertChoiceRouter<float>(rc), SwiGluExperts<float>({d, E, G}), WeightedSum<float>{}, RouterZLoss<float>(0.01));
+  MoE device(ExpertChoiceRouter<float, dev>(rc), SwiGluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
+             RouterZLoss<float, dev>(0.01));
+  check_layer(host, device, 60, 1);
 }
