@@ -18,6 +18,8 @@
 #include "smoe/cuda/numeric.cuh"
 #include "smoe/cuda/random.cuh"
 #include "smoe/cuda/routing.cuh"
+#include "smoe/cuda/sbase_router.cuh"
+#include "smoe/cuda/sinkhorn.cuh"
 #include "smoe/cuda/tensor_core_gemm.cuh"
 #include "smoe/cuda/topk.cuh"
 #include "smoe/cuda/topk_router.cuh"

@@ -84,6 +84,22 @@ inline void check_expert_choice(ExpertChoiceRouterConfig config, index_t tokens,
   compare_router_step(host, device, x, Mode::train, seed);
 }
 
+// ------------------------------------------------------------------ SBaseRouter
+
+inline void check_sbase(SBaseRouterConfig config, Mode mode, index_t tokens, std::uint64_t seed) {
+  INFO("E " << config.experts << ", k " << config.k << ", iters " << config.sinkhorn_iters << ", tokens " << tokens
+            << (mode == Mode::train ? ", train" : ", eval"));
+  const index_t d = config.d_model, E = config.experts;
+  SBaseRouter<float> host(config);
+  SBaseRouter<float, dev> device(config);
+  host.weight().value = random_matrix<float>(E, d, seed, 0.5);
+  copy_parameters_to_device(host, device);
+  const Tensor<float> x = random_matrix<float>(tokens, d, seed + 5, 2.0);
+  compare_router_step(host, device, x, mode, seed);
+  if (mode == Mode::train && config.sinkhorn_iters > 0)
+    require_close_scaled(to_host(device.balanced_scores()), host.balanced_scores(), 1e-5, "balanced scores");
+}
+
 }  // namespace smoe_cuda_routers_test
 
 using namespace smoe_cuda_routers_test;
@@ -224,4 +240,72 @@ TEST_CASE("cuda MoE with expert choice: tokens with 0..E experts", "[cuda][moe][
   MoE device(ExpertChoiceRouter<float, dev>(rc), SwiGluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
              RouterZLoss<float, dev>(0.01));
   check_layer(host, device, 60, 1);
+}
+
+TEST_CASE("cuda sinkhorn_balance: the CPU's iterations, blocks and non-finite rules", "[cuda][router][sbase]") {
+  for (const index_t tokens : {0, 1, 7, 300}) {
+    for (const index_t iters : {0, 1, 5}) {
+      const index_t E = 6;
+      INFO("tokens " << tokens << ", iters " << iters);
+      Tensor<float> z = random_matrix<float>(tokens, E, 10 + tokens, 3.0);
+      if (tokens >= 7) {
+        for (index_t e = 0; e < E; ++e) z[2 * E + e] = -std::numeric_limits<float>::infinity();  // a row without mass
+        z[4 * E + 1] = std::numeric_limits<float>::quiet_NaN();
+        z[5 * E + 3] = std::numeric_limits<float>::infinity();
+      }
+      Tensor<float> host({tokens, E});
+      sinkhorn_balance(std::as_const(z).matrix(), iters, host.matrix());
+      const auto zd = to_device(z);
+      auto device = device_nan<float>({tokens, E});
+      SinkhornWorkspace<float> work;
+      sinkhorn_balance(cuda_stream{}, zd.matrix(), iters, device.matrix(), work);
+      const auto got = to_host(device);
+      for (index_t i = 0; i < host.size(); ++i) {
+        INFO("element " << i);
+        if (std::isnan(host[i]) || std::isinf(host[i]))
+          CHECK((std::isnan(got[i]) ? std::isnan(host[i]) : got[i] == host[i]));
+        else
+          CHECK(got[i] == Approx(host[i]).epsilon(1e-5).margin(1e-5));
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda SBaseRouter: Sinkhorn-balanced selection, sigmoid gates, gradients", "[cuda][router][sbase]") {
+  check_sbase({.d_model = 12, .experts = 8, .k = 2}, Mode::train, 50, 1);
+  check_sbase({.d_model = 12, .experts = 8, .k = 2}, Mode::eval, 50, 2);
+  check_sbase({.d_model = 12, .experts = 8, .k = 2, .sinkhorn_iters = 0}, Mode::train, 50, 3);
+  check_sbase({.d_model = 8, .experts = 16, .k = 4, .sinkhorn_iters = 10}, Mode::train, 300, 4);  // several blocks
+  check_sbase({.d_model = 5, .experts = 4, .k = 4, .sinkhorn_iters = 2}, Mode::train, 20, 5);    // k = E
+  check_sbase({.d_model = 5, .experts = 4, .k = 1}, Mode::train, 1, 6);                          // one token
+  check_sbase({.d_model = 5, .experts = 4, .k = 1}, Mode::train, 0, 7);                          // no tokens
+  SECTION("the balancing changes the selection; bitwise reruns; errors") {
+    const index_t d = 6, E = 4, tokens = 64;
+    SBaseRouter<float> host({.d_model = d, .experts = E, .k = 1});
+    SBaseRouter<float, dev> device({.d_model = d, .experts = E, .k = 1});
+    host.weight().value = random_matrix<float>(E, d, 1, 0.5);
+    for (index_t c = 0; c < d; ++c) host.weight().value[c] += 2.0f;  // expert 0 favoured: balancing moves tokens
+    copy_parameters_to_device(host, device);
+    Tensor<float> x = random_matrix<float>(tokens, d, 2);
+    for (index_t i = 0; i < x.size(); ++i) x[i] = std::abs(x[i]);
+    Routing<float, dev> train, eval;
+    device.forward(to_device(x).matrix(), train, Mode::train);
+    device.forward(to_device(x).matrix(), eval, Mode::eval);
+    CHECK(ids_of(to_host(train.experts)) != ids_of(to_host(eval.experts)));
+    CHECK(bitwise_equal(compare_router_step(host, device, x, Mode::train, 3), compare_router_step(host, device, x, Mode::train, 3)));
+    Tensor<float, dev> wrong({5, d + 1});
+    Routing<float, dev> r;
+    CHECK_THROWS_WITH(device.forward(std::as_const(wrong).matrix(), r, Mode::train), Catch::Contains("x must be [5, 6], got [5, 7]"));
+    CHECK_THROWS_WITH((SBaseRouter<float, dev>({.d_model = 4, .experts = 4, .k = 1, .sinkhorn_iters = -1})),
+                      Catch::Contains("sinkhorn_iters must be >= 0, got -1"));
+  }
+}
+
+TEST_CASE("cuda MoE with S-BASE routing", "[cuda][moe][sbase]") {
+  const index_t d = 16, E = 8, G = 12;
+  SBaseRouterConfig rc{.d_model = d, .experts = E, .k = 2, .sinkhorn_iters = 4};
+  MoE host(SBaseRouter<float>(rc), ReluExperts<float>({d, E, G}), WeightedSum<float>{}, EntropyLoss<float>(0.01));
+  MoE device(SBaseRouter<float, dev>(rc), ReluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
+             EntropyLoss<float, dev>(0.01));
+  check_layer(host, device, 150, 1);
 }
