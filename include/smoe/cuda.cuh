@@ -3,6 +3,7 @@
 // dispatch, routers, experts, combiner, losses and the MoE layer. CPU-only code includes
 // <smoe/smoe.hpp>, which never includes this.
 #include "smoe/cuda/adamw.cuh"
+#include "smoe/cuda/base_router.cuh"
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/dispatch.cuh"
 #include "smoe/cuda/execution.cuh"

@@ -100,6 +100,19 @@ inline void check_sbase(SBaseRouterConfig config, Mode mode, index_t tokens, std
     require_close_scaled(to_host(device.balanced_scores()), host.balanced_scores(), 1e-5, "balanced scores");
 }
 
+// ------------------------------------------------------------------ BaseRouter
+
+inline void check_base(BaseRouterConfig config, Mode mode, index_t tokens, std::uint64_t seed) {
+  INFO("E " << config.experts << ", tokens " << tokens << (mode == Mode::train ? ", train" : ", eval"));
+  const index_t d = config.d_model, E = config.experts;
+  BaseRouter<float> host(config);
+  BaseRouter<float, dev> device(config);
+  host.weight().value = random_matrix<float>(E, d, seed, 0.5);
+  copy_parameters_to_device(host, device);
+  const Tensor<float> x = random_matrix<float>(tokens, d, seed + 5);
+  compare_router_step(host, device, x, mode, seed);
+}
+
 }  // namespace smoe_cuda_routers_test
 
 using namespace smoe_cuda_routers_test;
@@ -308,4 +321,45 @@ TEST_CASE("cuda MoE with S-BASE routing", "[cuda][moe][sbase]") {
   MoE device(SBaseRouter<float, dev>(rc), ReluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
              EntropyLoss<float, dev>(0.01));
   check_layer(host, device, 150, 1);
+}
+
+TEST_CASE("cuda BaseRouter: the host's balanced assignment, device gates and gradients", "[cuda][router][base]") {
+  check_base({.d_model = 12, .experts = 8}, Mode::train, 64, 1);   // E divides T
+  check_base({.d_model = 12, .experts = 8}, Mode::train, 50, 2);   // it does not
+  check_base({.d_model = 12, .experts = 8}, Mode::eval, 50, 3);    // greedy
+  check_base({.d_model = 6, .experts = 8}, Mode::train, 5, 4);     // T < E: distinct experts
+  check_base({.d_model = 6, .experts = 3}, Mode::train, 1, 5);     // one token
+  check_base({.d_model = 6, .experts = 3}, Mode::train, 0, 6);     // no tokens
+  check_base({.d_model = 6, .experts = 1}, Mode::train, 9, 7);     // one expert
+  SECTION("training balances the load; bitwise reruns; errors") {
+    const index_t d = 6, E = 4, tokens = 40;
+    BaseRouter<float> host({.d_model = d, .experts = E});
+    BaseRouter<float, dev> device({.d_model = d, .experts = E});
+    host.weight().value = random_matrix<float>(E, d, 1, 0.5);
+    for (index_t c = 0; c < d; ++c) host.weight().value[c] += 2.0f;
+    copy_parameters_to_device(host, device);
+    const Tensor<float> x = random_matrix<float>(tokens, d, 2);
+    Routing<float, dev> r;
+    device.forward(to_device(x).matrix(), r, Mode::train);
+    std::vector<int> load(E, 0);
+    for (const std::int32_t id : ids_of(to_host(r.experts))) ++load.at(std::size_t(id));
+    CHECK(load == std::vector<int>(E, tokens / E));
+    CHECK(bitwise_equal(compare_router_step(host, device, x, Mode::train, 3), compare_router_step(host, device, x, Mode::train, 3)));
+    Tensor<float, dev> wrong({5, d + 1});
+    CHECK_THROWS_WITH(device.forward(std::as_const(wrong).matrix(), r, Mode::train), Catch::Contains("x must be [5, 6], got [5, 7]"));
+    auto dg = device_nan<float>({tokens, 2});
+    auto dl = device_nan<float>({tokens, E});
+    auto dx = device_nan<float>({tokens, d});
+    const auto xd = to_device(x);
+    CHECK_THROWS_WITH(device.backward(xd.matrix(), r, std::as_const(dg).matrix(), dl.matrix(), dx.matrix()),
+                      Catch::Contains("d_gates must be [40, 1], got [40, 2]"));
+  }
+}
+
+TEST_CASE("cuda MoE with BASE routing", "[cuda][moe][base]") {
+  const index_t d = 16, E = 8, G = 12;
+  MoE host(BaseRouter<float>({d, E}), ReluExperts<float>({d, E, G}), WeightedSum<float>{}, SwitchBalanceLoss<float>(0.01));
+  MoE device(BaseRouter<float, dev>({d, E}), ReluExperts<float, dev>({d, E, G}), WeightedSum<float, dev>{},
+             SwitchBalanceLoss<float, dev>(0.01));
+  check_layer(host, device, 44, 1);
 }
