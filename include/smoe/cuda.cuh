@@ -4,6 +4,7 @@
 // <smoe/smoe.hpp>, which never includes this.
 #include "smoe/cuda/adamw.cuh"
 #include "smoe/cuda/base_router.cuh"
+#include "smoe/cuda/capacity.cuh"
 #include "smoe/cuda/device_tensor.cuh"
 #include "smoe/cuda/dispatch.cuh"
 #include "smoe/cuda/execution.cuh"

@@ -474,9 +474,6 @@ TEST_CASE("cuda MoE layer: bad input is refused with the argument named", "[cuda
   Tensor<float, dev> x({5, d}), y({5, d}), wrong({5, d + 1});
   CHECK_THROWS_WITH(device.forward(std::as_const(x).matrix(), wrong.matrix()), Catch::Contains("y must be [5, 8], got [5, 9]"));
   CHECK_THROWS_WITH(device.backward(std::as_const(x).matrix(), y.matrix()), Catch::Contains("backward called before forward"));
-  device.capacity = {.capacity_factor = 1.0};
-  CHECK_THROWS_WITH(device.forward(std::as_const(x).matrix(), y.matrix()), Catch::Contains("capacity is not available"));
-  device.capacity = {};
   Tensor<float> host_x = random_matrix<float>(5, d, 1);
   host_x[7] = std::numeric_limits<float>::quiet_NaN();
   copy(host_x, x);

@@ -363,3 +363,65 @@ TEST_CASE("cuda MoE with BASE routing", "[cuda][moe][base]") {
              SwitchBalanceLoss<float, dev>(0.01));
   check_layer(host, device, 44, 1);
 }
+
+// ------------------------------------------------------------------ expert capacity
+
+TEST_CASE("cuda apply_capacity: the CPU's drops for both priorities", "[cuda][capacity]") {
+  struct Case {
+    index_t tokens, K, E;
+    double factor;
+    CapacityPolicy::Priority priority;
+  };
+  using P = CapacityPolicy::Priority;
+  for (const Case& c : {Case{50, 2, 8, 1.0, P::position}, Case{50, 2, 8, 1.0, P::gate}, Case{64, 4, 8, 0.5, P::position},
+                        Case{64, 4, 8, 0.5, P::gate}, Case{30, 1, 4, 0.01, P::gate}, Case{30, 3, 4, 100.0, P::position},
+                        Case{1, 2, 4, 0.1, P::position}, Case{0, 2, 4, 1.0, P::gate}, Case{200, 2, 16, 1.25, P::gate}}) {
+    INFO("tokens " << c.tokens << ", K " << c.K << ", E " << c.E << ", factor " << c.factor << ", by gate "
+                   << (c.priority == P::gate));
+    RandomRouting rr = random_routing(c.tokens, c.K, c.E, 7 + c.tokens, 0.1);
+    if (c.tokens > 3) rr.ids[3] = std::int32_t(c.E + 2);  // an invalid id: never counted, never dropped
+    for (index_t i = 0; i + 5 < rr.gates.size(); i += 5) rr.gates[i + 1] = rr.gates[i];  // gate ties
+    Routing<float> hr;
+    hr.experts = rr.ids;
+    hr.gates = rr.gates;
+    const CapacityPolicy policy{.capacity_factor = c.factor, .priority = c.priority};
+    Tensor<std::int32_t> kept;
+    const index_t dropped = apply_capacity(policy, c.E, hr, kept);
+    Tensor<std::int32_t, dev> kept_d;
+    CapacityWorkspace work;
+    const auto ids_d = to_device(rr.ids);
+    const auto gates_d = to_device(rr.gates);
+    apply_capacity(policy, c.E, ids_d.matrix(), gates_d.matrix(), kept_d, work, cuda_stream{});
+    CHECK(ids_of(to_host(kept_d)) == ids_of(kept));
+    CHECK(to_host(work.dropped)[0] == dropped);
+    if (c.factor <= 0.5 && c.tokens >= 30) CHECK(dropped > 0);  // the cases above do drop
+  }
+}
+
+TEST_CASE("cuda MoE with expert capacity: the CPU's drops, outputs, gradients and statistics", "[cuda][moe][capacity]") {
+  const index_t d = 16, E = 8, G = 12;
+  for (const auto priority : {CapacityPolicy::Priority::position, CapacityPolicy::Priority::gate}) {
+    TopKRouterConfig rc{.d_model = d, .experts = E, .k = 2};
+    MoE host(TopKRouter<float, SoftmaxGate>(rc, {true}), SwiGluExperts<float>({d, E, G}), WeightedSum<float>{},
+             SwitchBalanceLoss<float>(0.01));
+    MoE device(TopKRouter<float, SoftmaxGate, dev>(rc, {true}), SwiGluExperts<float, dev>({d, E, G}),
+               WeightedSum<float, dev>{}, SwitchBalanceLoss<float, dev>(0.01));
+    host.capacity = device.capacity = {.capacity_factor = 0.75, .priority = priority};
+    check_layer(host, device, 64, 1);
+    CHECK(device.routing_stats().dropped > 0);
+    CHECK(device.routing_stats().dropped == host.routing().dropped);
+    CHECK(ids_of(to_host(device.dispatched_experts())) == ids_of(host.dispatched_experts()));
+  }
+  SECTION("refused for routers that set their own capacity, and for a bad factor") {
+    MoE device(ExpertChoiceRouter<float, dev>({.d_model = d, .experts = E}), ReluExperts<float, dev>({d, E, G}));
+    Tensor<float, dev> x({4, d}), y({4, d});
+    x.zero();
+    device.capacity = {.capacity_factor = 1.0};
+    CHECK_THROWS_WITH(device.forward(std::as_const(x).matrix(), y.matrix(), Mode::train),
+                      Catch::Contains("capacity applies to token-choice routers"));
+    MoE topk(SigmoidTopK<float, dev>({.d_model = d, .experts = E, .k = 2}), ReluExperts<float, dev>({d, E, G}));
+    topk.capacity = {.capacity_factor = -1.0};
+    CHECK_THROWS_WITH(topk.forward(std::as_const(x).matrix(), y.matrix(), Mode::train),
+                      Catch::Contains("capacity_factor must be >= 0 (0 = dropless), got -1"));
+  }
+}

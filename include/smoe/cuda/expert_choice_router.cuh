@@ -35,11 +35,6 @@ struct RowSoftmax {
   SMOE_HOST_DEVICE void operator()(index_t t) const { ExpertChoiceRouter<G>::softmax(logits + t * E, E, probs + t * E); }
 };
 
-struct Iota {
-  std::int32_t* out;
-  SMOE_HOST_DEVICE void operator()(index_t i) const { out[i] = static_cast<std::int32_t>(i); }
-};
-
 // Pair i = e·T + t (expert-major) before pair j: smaller expert, then expert e's top-k order of
 // S[:, e] (routing/topk_select.hpp): numbers before NaN, larger first, then the smaller token.
 template <class G>

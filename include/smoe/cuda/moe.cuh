@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "smoe/cuda/capacity.cuh"
 #include "smoe/cuda/dispatch.cuh"
 #include "smoe/cuda/weighted_sum.cuh"
 #include "smoe/layers/moe.hpp"
@@ -80,7 +81,8 @@ class MoE<R, X, C, Losses...> {
 
   // NaN/Inf checks of x and dy copy them to the host and wait for the stream: opt-in on the device.
   bool validate_inputs = false;
-  // Expert capacity is not on the CUDA backend yet: enabling it is refused at forward.
+  // Expert capacity for token-choice routers (routing/capacity.hpp), applied on the device
+  // (cuda/capacity.cuh): the CPU's drops; the count is read by routing_stats().
   CapacityPolicy capacity{};
 
   MoE(R router, X experts, C combiner = {}, Losses... losses)
@@ -101,6 +103,10 @@ class MoE<R, X, C, Losses...> {
   std::tuple<Losses...>& losses() { return losses_; }
   const Routing<G, cuda>& routing() const { return routing_; }
   const Dispatch<G, cuda>& dispatch() const { return dispatch_; }
+  // The router's ids with capacity-dropped assignments set to −1: what the experts computed.
+  const Tensor<std::int32_t, cuda>& dispatched_experts() const {
+    return capacity_applied_ ? dispatched_ : routing_.experts;
+  }
 
   cuda_stream stream() const { return stream_; }
   void set_stream(cuda_stream s) {
@@ -108,6 +114,8 @@ class MoE<R, X, C, Losses...> {
     if constexpr (requires { router_.set_stream(s); }) router_.set_stream(s);
     experts_.set_stream(s);
     dispatch_.set_stream(s);
+    dispatched_.set_stream(s);
+    capacity_work_.set_stream(s);
     for (auto* t : {&ys_, &dys_}) t->set_stream(s);
     for (auto* t : {&d_gates_, &d_logits_, &loss_values_, &aux_loss_}) t->set_stream(s);
   }
@@ -127,14 +135,21 @@ class MoE<R, X, C, Losses...> {
     const index_t tokens = x.rows, d = d_model(), E = n_experts();
     expect_shape(name, "x", x, tokens, d);
     expect_shape(name, "y", y, tokens, d);
-    if (capacity.enabled()) fail(name, ": expert capacity is not available on the CUDA backend yet");
+    capacity.validate(name);
+    if constexpr (requires { R::token_choice; })
+      if (!R::token_choice && capacity.enabled())
+        fail(name, ": capacity applies to token-choice routers; ", R::name, " sets its own capacity");
     if (validate_inputs) check_finite(name, "x", x, stream_);
     x_ = x;
     has_forward_ = true;
     router_.forward(x_, routing_, mode);
     expect_shape(name, "router output experts", std::as_const(routing_.experts).matrix(), tokens, k());
-    build_dispatch(std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_,
-                   stream_);
+    capacity_applied_ = capacity.enabled();
+    if (capacity_applied_)
+      apply_capacity(capacity, E, std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(),
+                     dispatched_, capacity_work_, stream_);
+    const Tensor<std::int32_t, cuda>& ids = capacity_applied_ ? dispatched_ : routing_.experts;
+    build_dispatch(ids.matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_, stream_);
     ys_.resize({dispatch_.slots(), d});
     experts_.forward(x_, dispatch_, ys_.matrix());
     combiner_.forward(dispatch_, std::as_const(ys_).matrix(), y);
@@ -186,6 +201,7 @@ class MoE<R, X, C, Losses...> {
     host.logits = to_host(routing_.logits);
     host.experts = to_host(routing_.experts);
     host.gates = to_host(routing_.gates);
+    host.dropped = capacity_applied_ ? to_host(capacity_work_.dropped)[0] : 0;
     return compute_routing_stats(host, to_host(dispatch_));
   }
   // Whether the last forward's router produced ids outside [-1, E) (waits for the stream).
@@ -201,6 +217,9 @@ class MoE<R, X, C, Losses...> {
   bool has_forward_ = false;
   Routing<G, cuda> routing_;
   Dispatch<G, cuda> dispatch_;
+  bool capacity_applied_ = false;
+  Tensor<std::int32_t, cuda> dispatched_;  // the ids after capacity, when it applies
+  CapacityWorkspace capacity_work_;
   Tensor<T, cuda> ys_, dys_;
   Tensor<G, cuda> d_gates_, d_logits_, loss_values_, aux_loss_;
 };
