@@ -128,6 +128,12 @@ inline void copy_bytes(void* dst, const void* src, std::size_t bytes, [[maybe_un
 #endif
 }
 
+// out[i] = i: the identity permutation that index sorts start from.
+struct Iota {
+  std::int32_t* out;
+  SMOE_HOST_DEVICE void operator()(index_t i) const { out[i] = static_cast<std::int32_t>(i); }
+};
+
 template <class T>
 void fill(T* p, index_t n, T value, cuda_stream stream) {
   if (n > 0) thrust::fill_n(policy(stream), p, n, value);

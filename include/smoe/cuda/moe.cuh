@@ -1,7 +1,8 @@
 #pragma once
 // MoE<Router, Experts, Combiner, Losses...> of CUDA parts (layers/moe.hpp's layer on the device):
 //   forward:  router → build_dispatch → experts over the slots → combiner; losses write their
-//             values to device scalars and the aux loss Σ coef_i · L_i is summed on the device.
+//             values to device scalars and the aux loss Σ coef_i · L_i (+ a router-owned loss, e.g.
+//             noisy top-k's load loss, from the router's aux_loss_on_device()) is summed on the device.
 //   backward: combiner⁻¹ → losses → experts⁻¹ (dx) → router⁻¹ (dx +=, router gradients).
 // Nothing in forward or backward synchronizes the host: the aux loss and the routing statistics
 // stay on the device until asked for (read_losses, routing_stats), and buffers are sized by the
@@ -22,7 +23,7 @@ namespace smoe {
 // What a device forward returns: device pointers, valid until the layer's next forward.
 template <class G>
 struct MoEDeviceOutput {
-  const G* aux_loss = nullptr;     // Σ coef_i · loss_i (a device scalar)
+  const G* aux_loss = nullptr;     // Σ coef_i · loss_i + the router's own loss (a device scalar)
   const G* loss_values = nullptr;  // loss_i without its coefficient, in template order [n_losses]
   index_t n_losses = 0;
   cuda_stream stream{};
@@ -30,16 +31,21 @@ struct MoEDeviceOutput {
 
 namespace cuda_kernels {
 
+// total[0] = Σ coef_i · values_i + the router's own loss (when it has one), total[1] = that router loss.
 template <class G, std::size_t N>
 struct WeightedTotal {
   G coef[N + 1];
   const G* values;
+  const G* router_loss;  // null for routers without their own loss
   G* total;
   index_t n = N;  // a run-time bound: a loop to a constant 0 draws nvcc's "pointless comparison"
   SMOE_HOST_DEVICE void operator()(index_t) const {
     G sum = 0;
     for (index_t i = 0; i < n; ++i) sum += coef[i] * values[i];
-    *total = sum;
+    const G router = router_loss ? *router_loss : G(0);
+    if (router_loss) sum += router;
+    total[0] = sum;
+    total[1] = router;
   }
 };
 
@@ -61,7 +67,8 @@ class MoE<R, X, C, Losses...> {
 
   // NaN/Inf checks of x and dy copy them to the host and wait for the stream: opt-in on the device.
   bool validate_inputs = false;
-  // Expert capacity for token-choice routers (cuda/capacity.cuh); dropless by default.
+  // Expert capacity for token-choice routers (routing/capacity.hpp), applied on the device
+  // (cuda/capacity.cuh): the CPU's drops; the count is read by routing_stats().
   CapacityPolicy capacity{};
 
   MoE(R router, X experts, C combiner = {}, Losses... losses)
@@ -81,9 +88,11 @@ class MoE<R, X, C, Losses...> {
   C& combiner() { return combiner_; }
   std::tuple<Losses...>& losses() { return losses_; }
   const Routing<G, cuda>& routing() const { return routing_; }
-  // The router's ids with capacity-dropped assignments set to −1: what the experts computed.
-  const Tensor<std::int32_t, cuda>& dispatched_experts() const { return dispatched_; }
   const Dispatch<G, cuda>& dispatch() const { return dispatch_; }
+  // The router's ids with capacity-dropped assignments set to −1: what the experts computed.
+  const Tensor<std::int32_t, cuda>& dispatched_experts() const {
+    return capacity_applied_ ? dispatched_ : routing_.experts;
+  }
 
   cuda_stream stream() const { return stream_; }
   void set_stream(cuda_stream s) {
@@ -91,10 +100,10 @@ class MoE<R, X, C, Losses...> {
     if constexpr (requires { router_.set_stream(s); }) router_.set_stream(s);
     experts_.set_stream(s);
     dispatch_.set_stream(s);
+    dispatched_.set_stream(s);
+    capacity_work_.set_stream(s);
     for (auto* t : {&ys_, &dys_}) t->set_stream(s);
     for (auto* t : {&d_gates_, &d_logits_, &loss_values_, &aux_loss_}) t->set_stream(s);
-    for (auto* t : {&dispatched_, &dropped_}) t->set_stream(s);
-    capacity_scratch_.set_stream(s);
   }
 
   template <class F>
@@ -112,6 +121,7 @@ class MoE<R, X, C, Losses...> {
     const index_t tokens = x.rows, d = d_model(), E = n_experts();
     expect_shape(name, "x", x, tokens, d);
     expect_shape(name, "y", y, tokens, d);
+    capacity.validate(name);
     if constexpr (requires { R::token_choice; })
       if (!R::token_choice && capacity.enabled())
         fail(name, ": capacity applies to token-choice routers; ", R::name, " sets its own capacity");
@@ -120,17 +130,23 @@ class MoE<R, X, C, Losses...> {
     has_forward_ = true;
     router_.forward(x_, routing_, mode);
     expect_shape(name, "router output experts", std::as_const(routing_.experts).matrix(), tokens, k());
-    apply_capacity(capacity, E, routing_, dispatched_, dropped_, capacity_scratch_, stream_);
-    build_dispatch(std::as_const(dispatched_).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_, stream_);
+    capacity_applied_ = capacity.enabled();
+    if (capacity_applied_)
+      apply_capacity(capacity, E, std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(),
+                     dispatched_, capacity_work_, stream_);
+    const Tensor<std::int32_t, cuda>& ids = capacity_applied_ ? dispatched_ : routing_.experts;
+    build_dispatch(ids.matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_, stream_);
     ys_.resize({dispatch_.slots(), d});
     experts_.forward(x_, dispatch_, ys_.matrix());
     combiner_.forward(dispatch_, std::as_const(ys_).matrix(), y);
 
     loss_values_.resize({static_cast<index_t>(n_losses) + 1});
-    aux_loss_.resize({1});
+    aux_loss_.resize({2});
     std::size_t i = 0;
     std::apply([&](auto&... loss) { (loss.forward(routing_, E, loss_values_.data() + i++), ...); }, losses_);
-    WeightedTotal<G, n_losses> total{{}, loss_values_.data(), aux_loss_.data()};
+    const G* router_loss = nullptr;
+    if constexpr (requires { router_.aux_loss_on_device(); }) router_loss = router_.aux_loss_on_device();
+    WeightedTotal<G, n_losses> total{{}, loss_values_.data(), router_loss, aux_loss_.data()};
     i = 0;
     std::apply([&](auto&... loss) { ((total.coef[i++] = G(loss.coef)), ...); }, losses_);
     for_each_index(stream_, 1, total);
@@ -160,7 +176,9 @@ class MoE<R, X, C, Losses...> {
     MoEOutput<G> out;
     const auto values = to_host(loss_values_);
     out.loss_values.assign(values.data(), values.data() + n_losses);
-    out.aux_loss = to_host(aux_loss_)[0];
+    const auto aux = to_host(aux_loss_);
+    out.aux_loss = aux[0];
+    out.router_loss = aux[1];
     return out;
   }
   // Routing statistics of the last forward (copies the routing to the host; waits for the stream).
@@ -169,7 +187,7 @@ class MoE<R, X, C, Losses...> {
     host.logits = to_host(routing_.logits);
     host.experts = to_host(routing_.experts);
     host.gates = to_host(routing_.gates);
-    host.dropped = to_host(dropped_)[0];
+    host.dropped = capacity_applied_ ? to_host(capacity_work_.dropped)[0] : 0;
     return compute_routing_stats(host, to_host(dispatch_));
   }
   // Whether the last forward's router produced ids outside [-1, E) (waits for the stream).
@@ -185,10 +203,11 @@ class MoE<R, X, C, Losses...> {
   bool has_forward_ = false;
   Routing<G, cuda> routing_;
   Dispatch<G, cuda> dispatch_;
+  bool capacity_applied_ = false;
+  Tensor<std::int32_t, cuda> dispatched_;  // the ids after capacity, when it applies
+  CapacityWorkspace capacity_work_;
   Tensor<T, cuda> ys_, dys_;
   Tensor<G, cuda> d_gates_, d_logits_, loss_values_, aux_loss_;
-  Tensor<std::int32_t, cuda> dispatched_, dropped_;  // ids after capacity [T, K]; assignments dropped [1]
-  CapacityScratch capacity_scratch_;
 };
 
 }  // namespace smoe

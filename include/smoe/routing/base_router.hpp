@@ -12,6 +12,7 @@
 // smoe's layer returns the gated expert output and the caller adds the residual.
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <utility>
 
 #include "smoe/core/parameter.hpp"
@@ -31,8 +32,11 @@ struct BaseRouterConfig {
   }
 };
 
-template <class T>
+// BaseRouter<T, cuda> is the CUDA backend's (smoe/cuda/base_router.cuh).
+template <class T, class Backend = cpu>
 class BaseRouter {
+  static_assert(std::is_same_v<Backend, cpu>, "BaseRouter<T, cuda> needs <smoe/cuda/base_router.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;

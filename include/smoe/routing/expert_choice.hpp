@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
@@ -52,8 +53,11 @@ struct ExpertChoiceRouterConfig {
   }
 };
 
-template <class T>
+// ExpertChoiceRouter<T, cuda> is the CUDA backend's (smoe/cuda/expert_choice_router.cuh).
+template <class T, class Backend = cpu>
 class ExpertChoiceRouter {
+  static_assert(std::is_same_v<Backend, cpu>, "ExpertChoiceRouter<T, cuda> needs <smoe/cuda/expert_choice_router.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
@@ -74,6 +78,17 @@ class ExpertChoiceRouter {
   template <class F>
   void for_each_parameter(F&& f) {
     f(std::string_view("weight"), weight_);
+  }
+
+  // p = softmax(s[0..n)), max-shifted; a NaN anywhere makes the row NaN (ranked lowest). Shared
+  // with the CUDA backend.
+  SMOE_HOST_DEVICE static void softmax(const T* s, index_t n, T* p) {
+    using std::exp;
+    T m = s[0];
+    for (index_t e = 1; e < n; ++e) m = s[e] > m ? s[e] : m;
+    T z = 0;
+    for (index_t e = 0; e < n; ++e) z += (p[e] = exp(s[e] - m));
+    for (index_t e = 0; e < n; ++e) p[e] /= z;
   }
 
   void forward(ConstMatrixView<T> x, Routing<T>& out, Mode) {
@@ -150,15 +165,6 @@ class ExpertChoiceRouter {
 
  private:
   static constexpr index_t token_block = 128, parallel_threshold = index_t(1) << 15;
-
-  // p = softmax(s[0..n)), max-shifted; a NaN anywhere makes the row NaN (ranked lowest).
-  static void softmax(const T* s, index_t n, T* p) {
-    T m = s[0];
-    for (index_t e = 1; e < n; ++e) m = s[e] > m ? s[e] : m;
-    T z = 0;
-    for (index_t e = 0; e < n; ++e) z += (p[e] = std::exp(s[e] - m));
-    for (index_t e = 0; e < n; ++e) p[e] /= z;
-  }
 
   ExpertChoiceRouterConfig config_;
   Parameter<T> weight_;

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,8 +51,11 @@ struct NoisyTopKConfig {
   }
 };
 
-template <class T>
+// NoisyTopK<T, cuda> is the CUDA backend's (smoe/cuda/noisy_topk_router.cuh).
+template <class T, class Backend = cpu>
 class NoisyTopK {
+  static_assert(std::is_same_v<Backend, cpu>, "NoisyTopK<T, cuda> needs <smoe/cuda/noisy_topk_router.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
@@ -90,6 +94,25 @@ class NoisyTopK {
     f(std::string_view("step"), step_);
   }
 
+  // The per-element math, shared with the CUDA backend (__host__ __device__).
+  // softplus(u) and its derivative sigmoid(u) from one exp, both stable for any u (out may alias u).
+  SMOE_HOST_DEVICE static void softplus(T u, T& out, T& derivative) {
+    using std::abs;
+    using std::exp;
+    using std::log1p;
+    const T exp_neg_abs = exp(-abs(u));
+    out = (u < T(0) ? T(0) : u) + log1p(exp_neg_abs);  // std::max(u, 0), NaN kept
+    derivative = (u >= T(0) ? T(1) : exp_neg_abs) / (T(1) + exp_neg_abs);
+  }
+  SMOE_HOST_DEVICE static T normal_cdf(T z) {
+    using std::erfc;
+    return T(0.5) * erfc(-z * T(0.70710678118654752440));
+  }
+  SMOE_HOST_DEVICE static T normal_pdf(T z) {
+    using std::exp;
+    return T(0.39894228040143267794) * exp(T(-0.5) * z * z);
+  }
+
   void forward(ConstMatrixView<T> x, Routing<T>& out, Mode mode) {
     using namespace cpu_kernels;
     expect_shape(name, "x", x, x.rows, d_model());
@@ -124,10 +147,7 @@ class NoisyTopK {
         T* dsp = dsoftplus_.data() + t * E;
         T* eps = eps_.data() + t * E;
         for (index_t e = 0; e < E; ++e) {
-          // softplus(u) and its derivative sigmoid(u) from one exp, both stable for any u.
-          const T u = sig[e], exp_neg_abs = std::exp(-std::abs(u));
-          sig[e] = std::max(u, T(0)) + std::log1p(exp_neg_abs);
-          dsp[e] = (u >= T(0) ? T(1) : exp_neg_abs) / (T(1) + exp_neg_abs);
+          softplus(sig[e], sig[e], dsp[e]);
           eps[e] = train_ ? T(standard_normal(config_.seed, std::uint64_t(t * E + e), step)) : T(0);
           H[e] = s[e] + eps[e] * sig[e];
         }
@@ -234,8 +254,6 @@ class NoisyTopK {
     return selected[i] ? order[config_.k] : order[config_.k - 1];
   }
 
-  static T normal_cdf(T z) { return T(0.5) * std::erfc(-z * T(0.70710678118654752440)); }
-  static T normal_pdf(T z) { return T(0.39894228040143267794) * std::exp(T(-0.5) * z * z); }
 
   void compute_load_loss() {
     const index_t E = experts();

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -40,8 +41,11 @@ struct SBaseRouterConfig {
   }
 };
 
-template <class T>
+// SBaseRouter<T, cuda> is the CUDA backend's (smoe/cuda/sbase_router.cuh).
+template <class T, class Backend = cpu>
 class SBaseRouter {
+  static_assert(std::is_same_v<Backend, cpu>, "SBaseRouter<T, cuda> needs <smoe/cuda/sbase_router.cuh>");
+
  public:
   using scalar_type = T;
   using backend = cpu;
@@ -98,15 +102,17 @@ class SBaseRouter {
     linear_.backward(x, r, d_gates, d_logits, dx);
   }
 
- private:
   // The training order: balanced score, then raw logit, then index; NaN below every number.
-  static bool ranks_before(const T* p, const T* s, std::int32_t i, std::int32_t j) {
+  // Shared with the CUDA backend.
+  SMOE_HOST_DEVICE static bool ranks_before(const T* p, const T* s, std::int32_t i, std::int32_t j) {
     if (const int c = compare(p[i], p[j]); c != 0) return c > 0;
     if (const int c = compare(s[i], s[j]); c != 0) return c > 0;
     return i < j;
   }
-  static int compare(T a, T b) {
-    const bool na = std::isnan(a), nb = std::isnan(b);
+
+ private:
+  SMOE_HOST_DEVICE static int compare(T a, T b) {
+    const bool na = a != a, nb = b != b;  // NaN
     if (na || nb) return na == nb ? 0 : (na ? -1 : 1);
     return a > b ? 1 : (a < b ? -1 : 0);
   }

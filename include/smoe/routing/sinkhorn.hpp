@@ -26,6 +26,7 @@
 #include <limits>
 #include <vector>
 
+#include "smoe/core/config.hpp"
 #include "smoe/core/error.hpp"
 #include "smoe/core/view.hpp"
 #include "smoe/cpu/parallel.hpp"
@@ -35,36 +36,43 @@ namespace smoe {
 namespace detail {
 
 // Running log-sum-exp of one row or column: max first, then the sum of exp(v − max); NaN skipped.
+// __host__ __device__: the CUDA backend's Sinkhorn (cuda/sinkhorn.cuh) runs the same code.
 template <class T>
 struct LseAccumulator {
   T max = -std::numeric_limits<T>::infinity();
   T sum = 0;
-  void take_max(T v) {
+  SMOE_HOST_DEVICE static bool is_nan(T v) { return v != v; }
+  SMOE_HOST_DEVICE static bool is_finite(T v) { return v - v == T(0); }  // false for ±Inf and NaN
+  SMOE_HOST_DEVICE void take_max(T v) {
     if (v > max) max = v;  // false for NaN
   }
-  void take_sum(T v) {
-    if (!std::isnan(v) && std::isfinite(max)) sum += std::exp(v - max);
+  SMOE_HOST_DEVICE void take_sum(T v) {
+    using std::exp;
+    if (!is_nan(v) && is_finite(max)) sum += exp(v - max);
   }
   // Merges another block's partial (its own max and its sum relative to that max).
-  void merge(const LseAccumulator& o) {
-    if (!(o.max > -std::numeric_limits<T>::infinity())) return;
-    if (!(max > -std::numeric_limits<T>::infinity())) {
+  SMOE_HOST_DEVICE void merge(const LseAccumulator& o) {
+    using std::exp;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    if (!(o.max > neg_inf)) return;
+    if (!(max > neg_inf)) {
       *this = o;
       return;
     }
-    if (!std::isfinite(max) || !std::isfinite(o.max)) {
-      max = std::max(max, o.max);  // +Inf: the LSE is +Inf, the sum no longer matters
+    if (!is_finite(max) || !is_finite(o.max)) {
+      max = max < o.max ? o.max : max;  // +Inf: the LSE is +Inf, the sum no longer matters
       return;
     }
-    const T m = std::max(max, o.max);
-    sum = sum * std::exp(max - m) + o.sum * std::exp(o.max - m);
+    const T m = max < o.max ? o.max : max;
+    sum = sum * exp(max - m) + o.sum * exp(o.max - m);
     max = m;
   }
   // The LSE, or NaN when it is not finite (no mass or +Inf): the caller then keeps potential 0.
-  T value() const {
-    if (!std::isfinite(max) || !(sum > 0)) return std::numeric_limits<T>::quiet_NaN();
-    const T v = max + std::log(sum);
-    return std::isfinite(v) ? v : std::numeric_limits<T>::quiet_NaN();
+  SMOE_HOST_DEVICE T value() const {
+    using std::log;
+    if (!is_finite(max) || !(sum > 0)) return std::numeric_limits<T>::quiet_NaN();
+    const T v = max + log(sum);
+    return is_finite(v) ? v : std::numeric_limits<T>::quiet_NaN();
   }
 };
 

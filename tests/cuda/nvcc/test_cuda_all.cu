@@ -6,3 +6,4 @@
 #include "test_cuda_attention.cpp"
 #include "test_cuda_transformer_layers.cpp"
 #include "test_cuda_model.cpp"
+#include "test_cuda_routers.cpp"
