@@ -107,8 +107,7 @@ Spec parse_spec(const json& j) {
   const std::string router = "router \"" + std::string(name_of(r)) + "\"";
   expect_applicable_keys(j, r);
   if (s.backend == BackendKind::cuda && !on_cuda_backend(r))
-    fail("SPEC: router \"", name_of(r), "\" is not available on the cuda backend yet (it has softmax_topk, "
-         "sigmoid_topk, hash and group_topk)");
+    fail("SPEC: router \"", name_of(r), "\" is not available on the cuda backend yet");
   s.d_model = positive_int(j, "d_model");
 
   if (r == RouterKind::pkm) {

@@ -30,6 +30,7 @@ smoe::io::SafetensorsWriter evaluate_device(Layer& layer, const Spec& spec, cons
   using R = std::remove_reference_t<decltype(layer.router())>;
   constexpr bool group_topk = std::is_same_v<R, smoe::GroupTopKRouter<T, smoe::cuda>>;
   constexpr bool hash = std::is_same_v<R, smoe::HashRouter<T, smoe::cuda>>;
+  constexpr bool expert_choice = std::is_same_v<R, smoe::ExpertChoiceRouter<T, smoe::cuda>>;
   const index_t d = layer.d_model(), E = layer.n_experts();
   std::set<std::string> data = {"x", "dy"};
   if constexpr (group_topk) data.insert("router.bias");
@@ -51,7 +52,7 @@ smoe::io::SafetensorsWriter evaluate_device(Layer& layer, const Spec& spec, cons
 
   const auto xd = smoe::to_device(x);
   smoe::Tensor<T, smoe::cuda> yd({tokens, d});
-  layer.capacity.capacity_factor = spec.capacity_factor;
+  if constexpr (!expert_choice) layer.capacity.capacity_factor = spec.capacity_factor;
   layer.validate_inputs = true;
   layer.forward(xd.matrix(), yd.matrix(), spec.mode);
 
@@ -66,14 +67,16 @@ smoe::io::SafetensorsWriter evaluate_device(Layer& layer, const Spec& spec, cons
   for (index_t e = 0; e < E; ++e) counts[e] = stats.tokens_per_expert[static_cast<std::size_t>(e)];
   out.add("expert_counts", counts);
   out.add("routing.tokens_per_expert", counts);
-  // The dispatched routing: the router's ids with capacity-dropped assignments set to −1, and
-  // their gates (0 at −1), as the CPU run writes them.
-  const auto ids = smoe::to_host(layer.dispatched_experts());
-  auto gates = smoe::to_host<T>(layer.routing().gates);
-  for (index_t i = 0; i < gates.size(); ++i)
-    if (ids[i] < 0) gates[i] = T(0);
-  out.add("routing.experts", ids);
-  out.add("routing.gates", gates);
+  if constexpr (!expert_choice) {
+    // The dispatched routing: the router's ids with capacity-dropped assignments set to −1, and
+    // their gates (0 at −1), as the CPU run writes them.
+    const auto ids = smoe::to_host(layer.dispatched_experts());
+    auto gates = smoe::to_host<T>(layer.routing().gates);
+    for (index_t i = 0; i < gates.size(); ++i)
+      if (ids[i] < 0) gates[i] = T(0);
+    out.add("routing.experts", ids);
+    out.add("routing.gates", gates);
+  }
 
   if (dy.rank() == 2) {
     smoe::Tensor<T, smoe::cuda> dxd({tokens, d});

@@ -75,11 +75,8 @@ void with_scalar(ScalarKind kind, F&& f) {
     f(Tag<float>{});
 }
 
-// The routers the CUDA backend has (the others are refused with "backend": "cuda").
-inline bool on_cuda_backend(RouterKind r) {
-  return r == RouterKind::softmax_topk || r == RouterKind::sigmoid_topk || r == RouterKind::hash ||
-         r == RouterKind::group_topk;
-}
+// The routers the CUDA backend has (pkm is refused with "backend": "cuda").
+inline bool on_cuda_backend(RouterKind r) { return r != RouterKind::pkm; }
 
 // Routers that feed FeedForwardExperts (all but pkm), on Backend.
 template <class T, class Backend, class F>
@@ -92,6 +89,16 @@ void with_router(const Spec& s, F&& f) {
         f(smoe::TopKRouter<T, smoe::SoftmaxGate, Backend>(c, smoe::SoftmaxGate{.renormalize = s.renormalize}));
         return;
       case RouterKind::sigmoid_topk: f(smoe::SigmoidTopK<T, Backend>(c)); return;
+      case RouterKind::noisy_topk:
+        f(smoe::NoisyTopK<T, Backend>({.d_model = d, .experts = E, .k = K, .load_coef = s.load_coef, .seed = s.seed}));
+        return;
+      case RouterKind::sbase:
+        f(smoe::SBaseRouter<T, Backend>({.d_model = d, .experts = E, .k = K, .sinkhorn_iters = int(s.sinkhorn_iters)}));
+        return;
+      case RouterKind::base: f(smoe::BaseRouter<T, Backend>({.d_model = d, .experts = E})); return;
+      case RouterKind::expert_choice:
+        f(smoe::ExpertChoiceRouter<T, Backend>({.d_model = d, .experts = E, .capacity_factor = s.capacity_factor}));
+        return;
       case RouterKind::hash: f(smoe::HashRouter<T, Backend>({.d_model = d, .experts = E, .seed = s.seed})); return;
       case RouterKind::group_topk:
         f(smoe::GroupTopKRouter<T, Backend>({.d_model = d,
@@ -101,8 +108,9 @@ void with_router(const Spec& s, F&& f) {
                                              .topk_groups = s.topk_groups,
                                              .route_scale = s.route_scale}));
         return;
-      default: fail("SPEC: router \"", name_of(s.router), "\" is not available on the cuda backend yet");
+      case RouterKind::pkm: break;
     }
+    fail("SPEC: router \"", name_of(s.router), "\" is not available on the cuda backend yet");
   } else {
     switch (s.router) {
       case RouterKind::softmax_topk: f(smoe::SoftmaxTopK<T>(c, smoe::SoftmaxGate{.renormalize = s.renormalize})); break;

@@ -1014,7 +1014,7 @@ def check_stack_errors(smoe_eval, workdir):
 
 
 # The routers of smoe_eval's "backend": "cuda" (examples/smoe_eval_layer.hpp, on_cuda_backend).
-CUDA_ROUTERS = {"softmax_topk", "sigmoid_topk", "hash", "group_topk"}
+CUDA_ROUTERS = {"softmax_topk", "sigmoid_topk", "noisy_topk", "sbase", "base", "expert_choice", "hash", "group_topk"}
 
 
 def cuda_cases(all_cases):
