@@ -31,7 +31,8 @@ inline void require_bitwise_equal(const Outputs& a, const Outputs& b) {
   for (std::size_t i = 0; i < a.size(); ++i) {
     INFO("output " << i);
     REQUIRE(a[i].size() == b[i].size());
-    CHECK(std::memcmp(a[i].data(), b[i].data(), sizeof(float) * std::size_t(a[i].size())) == 0);
+    if (a[i].size() > 0)  // memcmp of an empty tensor's null data is undefined
+      CHECK(std::memcmp(a[i].data(), b[i].data(), sizeof(float) * std::size_t(a[i].size())) == 0);
   }
 }
 
