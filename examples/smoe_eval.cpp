@@ -106,8 +106,6 @@ Spec parse_spec(const json& j) {
   const RouterKind r = s.router;
   const std::string router = "router \"" + std::string(name_of(r)) + "\"";
   expect_applicable_keys(j, r);
-  if (s.backend == BackendKind::cuda && !on_cuda_backend(r))
-    fail("SPEC: router \"", name_of(r), "\" is not available on the cuda backend yet");
   s.d_model = positive_int(j, "d_model");
 
   if (r == RouterKind::pkm) {

@@ -75,9 +75,6 @@ void with_scalar(ScalarKind kind, F&& f) {
     f(Tag<float>{});
 }
 
-// The routers the CUDA backend has (pkm is refused with "backend": "cuda").
-inline bool on_cuda_backend(RouterKind r) { return r != RouterKind::pkm; }
-
 // Routers that feed FeedForwardExperts (all but pkm), on Backend.
 template <class T, class Backend, class F>
 void with_router(const Spec& s, F&& f) {
@@ -108,9 +105,9 @@ void with_router(const Spec& s, F&& f) {
                                              .topk_groups = s.topk_groups,
                                              .route_scale = s.route_scale}));
         return;
-      case RouterKind::pkm: break;
+      case RouterKind::pkm: break;  // with value experts: with_layer
     }
-    fail("SPEC: router \"", name_of(s.router), "\" is not available on the cuda backend yet");
+    fail("smoe_eval: pkm has no feed-forward experts");
   } else {
     switch (s.router) {
       case RouterKind::softmax_topk: f(smoe::SoftmaxTopK<T>(c, smoe::SoftmaxGate{.renormalize = s.renormalize})); break;
@@ -155,19 +152,15 @@ void with_experts(const Spec& s, F&& f) {
 template <class T, class Backend, class F>
 void with_layer(const Spec& s, F&& f) {
   if (s.router == RouterKind::pkm) {
-    if constexpr (std::is_same_v<Backend, smoe::cpu>) {
-      smoe::MoE layer(smoe::ProductKeyRouter<T>({.d_model = s.d_model,
-                                                 .n_keys = s.pkm_keys,
-                                                 .heads = s.pkm_heads,
-                                                 .k = s.k,
-                                                 .activation = s.pkm_activation}),
-                      smoe::ValueExperts<T>({.d_model = s.d_model, .values = s.n_experts}), smoe::WeightedSum<T>{},
-                      smoe::ImportanceLoss<T>(s.coef_importance));
-      f(layer);
-      return;
-    } else {
-      fail("SPEC: router \"pkm\" is not available on the cuda backend yet");
-    }
+    smoe::MoE layer(smoe::ProductKeyRouter<T, Backend>({.d_model = s.d_model,
+                                                        .n_keys = s.pkm_keys,
+                                                        .heads = s.pkm_heads,
+                                                        .k = s.k,
+                                                        .activation = s.pkm_activation}),
+                    smoe::ValueExperts<T, Backend>({.d_model = s.d_model, .values = s.n_experts}),
+                    smoe::WeightedSum<T, Backend>{}, smoe::ImportanceLoss<T, Backend>(s.coef_importance));
+    f(layer);
+    return;
   }
   with_router<T, Backend>(s, [&](auto router) {
     with_experts<T, Backend>(s, [&](auto experts) {

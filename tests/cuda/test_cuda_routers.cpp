@@ -113,6 +113,32 @@ inline void check_base(BaseRouterConfig config, Mode mode, index_t tokens, std::
   compare_router_step(host, device, x, mode, seed);
 }
 
+
+// ------------------------------------------------------------------ ProductKeyRouter
+
+// keys and x at `scale`; integer-valued when `integer` (many exact ties at both selection stages).
+inline void check_pkm_router(ProductKeyRouterConfig config, index_t tokens, std::uint64_t seed, bool integer = false) {
+  INFO("N " << config.n_keys << ", H " << config.heads << ", K " << config.k << ", activation "
+            << int(config.activation) << ", tokens " << tokens << (integer ? ", integer" : ""));
+  ProductKeyRouter<float> host(config);
+  ProductKeyRouter<float, dev> device(config);
+  auto fill = [&](Tensor<float>& t, std::uint64_t s) {
+    const auto shape = t.shape();
+    t = random_matrix<float>(shape[0] * shape[1], shape[2], s);
+    t.resize(shape);  // same size: the values stay
+    if (integer)
+      for (index_t i = 0; i < t.size(); ++i) t[i] = std::round(2 * t[i]);
+  };
+  fill(host.keys_a().value, seed);
+  fill(host.keys_b().value, seed + 1);
+  copy_parameters_to_device(host, device);
+  Tensor<float> x = random_matrix<float>(tokens, config.d_model, seed + 2);
+  if (integer)
+    for (index_t i = 0; i < x.size(); ++i) x[i] = std::round(2 * x[i]);
+  const auto first = compare_router_step(host, device, x, Mode::train, seed + 3);
+  CHECK(bitwise_equal(compare_router_step(host, device, x, Mode::train, seed + 3), first));
+}
+
 }  // namespace smoe_cuda_routers_test
 
 using namespace smoe_cuda_routers_test;
@@ -423,5 +449,88 @@ TEST_CASE("cuda MoE with expert capacity: the CPU's drops, outputs, gradients an
     topk.capacity = {.capacity_factor = -1.0};
     CHECK_THROWS_WITH(topk.forward(std::as_const(x).matrix(), y.matrix(), Mode::train),
                       Catch::Contains("capacity_factor must be >= 0 (0 = dropless), got -1"));
+  }
+}
+
+TEST_CASE("cuda ProductKeyRouter: the CPU's ids (ties too), gates and gradients for every activation", "[cuda][router][pkm]") {
+  for (const auto act : {PkmActivation::relu, PkmActivation::softmax, PkmActivation::softmax_across_heads}) {
+    check_pkm_router({.d_model = 12, .n_keys = 9, .heads = 3, .k = 4, .activation = act}, 37, 1);
+    check_pkm_router({.d_model = 8, .n_keys = 6, .heads = 2, .k = 3, .activation = act}, 41, 2, true);  // exact ties
+    check_pkm_router({.d_model = 4, .n_keys = 5, .heads = 1, .k = 5, .activation = act}, 9, 3);  // K = N: every pair
+    check_pkm_router({.d_model = 6, .n_keys = 4, .heads = 2, .k = 1, .activation = act}, 1, 4);  // one token, K = 1
+    check_pkm_router({.d_model = 6, .n_keys = 4, .heads = 2, .k = 2, .activation = act}, 0, 5);  // no tokens
+  }
+  SECTION("errors") {
+    CHECK_THROWS_WITH((ProductKeyRouter<float, dev>({.d_model = 8, .n_keys = 40, .heads = 1, .k = 33})),
+                      Catch::Contains("k must be <= 32 on the CUDA backend, got 33"));
+    CHECK_THROWS_WITH((ProductKeyRouter<float, dev>({.d_model = 7, .n_keys = 4})), Catch::Contains("d_model must be even"));
+    CHECK_THROWS_WITH((ProductKeyRouter<float, dev>({.d_model = 8, .n_keys = 40, .heads = 40, .k = 32,
+                                                      .activation = PkmActivation::softmax_across_heads})),
+                      Catch::Contains("heads·k must be <= 1024"));
+    ProductKeyRouter<float, dev> router({.d_model = 8, .n_keys = 4});
+    Tensor<float, dev> wrong({3, 6});
+    wrong.zero();
+    Routing<float, dev> r;
+    CHECK_THROWS_WITH(router.forward(std::as_const(wrong).matrix(), r, Mode::train),
+                      Catch::Contains("x must be [3, 8], got [3, 6]"));
+  }
+}
+
+TEST_CASE("cuda PKM layer: MoE<ProductKeyRouter, ValueExperts> and PKM-routed feed-forward experts", "[cuda][moe][pkm]") {
+  const index_t d = 16, N = 8, H = 2, K = 4;
+  SECTION("value experts, importance loss, each activation") {
+    for (const auto act : {PkmActivation::relu, PkmActivation::softmax, PkmActivation::softmax_across_heads}) {
+      const ProductKeyRouterConfig rc{.d_model = d, .n_keys = N, .heads = H, .k = K, .activation = act};
+      MoE host(ProductKeyRouter<float>(rc), ValueExperts<float>({d, N * N}), WeightedSum<float>{},
+               ImportanceLoss<float>(0.1));
+      MoE device(ProductKeyRouter<float, dev>(rc), ValueExperts<float, dev>({d, N * N}), WeightedSum<float, dev>{},
+                 ImportanceLoss<float, dev>(0.1));
+      check_layer(host, device, 70, 1 + std::uint64_t(act));
+      CHECK(total_parameters(device) == total_parameters(host));
+      CHECK(flops_per_token(device) == Approx(flops_per_token(host)));
+    }
+  }
+  SECTION("one token, and expert capacity") {
+    const ProductKeyRouterConfig rc{.d_model = d, .n_keys = N, .heads = H, .k = K};
+    MoE host(ProductKeyRouter<float>(rc), ValueExperts<float>({d, N * N}));
+    MoE device(ProductKeyRouter<float, dev>(rc), ValueExperts<float, dev>({d, N * N}));
+    check_layer(host, device, 1, 2);
+    host.capacity = device.capacity = {.capacity_factor = 0.5};
+    check_layer(host, device, 64, 3);
+  }
+  SECTION("feed-forward experts behind product keys (E = N²)") {
+    const ProductKeyRouterConfig rc{.d_model = d, .n_keys = 4, .heads = 2, .k = 2};
+    MoE host(ProductKeyRouter<float>(rc), SwiGluExperts<float>({d, 16, 6}));
+    MoE device(ProductKeyRouter<float, dev>(rc), SwiGluExperts<float, dev>({d, 16, 6}));
+    check_layer(host, device, 33, 4);
+  }
+  SECTION("bf16 activations and values on fp32 keys") {
+    const index_t tokens = 30;
+    const ProductKeyRouterConfig rc{.d_model = d, .n_keys = N, .heads = H, .k = K};
+    MoE host(ProductKeyRouter<float>(rc), ValueExperts<float>({d, N * N}));
+    MoE device(ProductKeyRouter<bf16, dev>(rc), ValueExperts<bf16, dev>({d, N * N}));
+    for (auto* keys : {&host.router().keys_a().value, &host.router().keys_b().value}) {
+      *keys = random_matrix<float>(H * N, d / 2, 5 + std::uint64_t(keys == &host.router().keys_b().value));
+      keys->resize({H, N, d / 2});  // same size: the values stay
+    }
+    host.experts().values().value = rounded<bf16>(random_matrix<float>(N * N, d, 7));
+    copy_parameters_to_device(host, device);
+    const Tensor<float> x = rounded<bf16>(random_matrix<float>(tokens, d, 8));
+    const Tensor<float> dy = rounded<bf16>(random_matrix<float>(tokens, d, 9));
+    Tensor<float> y({tokens, d}), dx({tokens, d});
+    zero_grad(host);
+    zero_grad(device);
+    host.forward(x.matrix(), y.matrix(), Mode::train);
+    host.backward(dy.matrix(), dx.matrix());
+    auto yd = device_nan<bf16>({tokens, d}), dxd = device_nan<bf16>({tokens, d});
+    const auto xd = to_device<bf16>(x);  // the layer reads x again in backward
+    device.forward(xd.matrix(), yd.matrix(), Mode::train);
+    device.backward(to_device<bf16>(dy).matrix(), dxd.matrix());
+    CHECK(ids_of(to_host(device.routing().experts)) == ids_of(host.routing().experts));
+    require_close_scaled(to_host<float>(yd), y, 2e-2, "y");
+    require_close_scaled(to_host<float>(dxd), dx, 2e-2, "dx");
+    require_close_scaled(to_host(device.router().keys_a().grad), host.router().keys_a().grad, 2e-2, "keys_a.grad");
+    require_close_scaled(to_host<float>(device.experts().values().grad), host.experts().values().grad, 2e-2,
+                         "values.grad");
   }
 }

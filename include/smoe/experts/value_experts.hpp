@@ -27,7 +27,8 @@ struct ValueExpertsConfig {
   }
 };
 
-template <class T>
+// ValueExperts<T, cuda> is the CUDA backend's (smoe/cuda/value_experts.cuh).
+template <class T, class Backend = cpu>
 class ValueExperts {
  public:
   using scalar_type = T;

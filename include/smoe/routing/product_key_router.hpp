@@ -69,7 +69,62 @@ struct ProductKeyRouterConfig {
   }
 };
 
+namespace detail {
+
+// Softmax of s[0..n) in place; the largest number is subtracted first (NaN skipped).
 template <class T>
+SMOE_HOST_DEVICE void pkm_softmax(T* s, index_t n) {
+  using std::exp;
+  T m = -std::numeric_limits<T>::infinity();
+  for (index_t i = 0; i < n; ++i) m = s[i] > m ? s[i] : m;
+  T z = 0;
+  for (index_t i = 0; i < n; ++i) z += exp(s[i] - m);
+  for (index_t i = 0; i < n; ++i) s[i] = exp(s[i] - m) / z;
+}
+
+// One token's H·K selected scores → gates in place (shared by both backends).
+template <class T>
+SMOE_HOST_DEVICE void pkm_activate(PkmActivation activation, index_t H, index_t K, T* g) {
+  switch (activation) {
+    case PkmActivation::relu:
+      for (index_t q = 0; q < H * K; ++q) g[q] = g[q] > T(0) ? g[q] : T(0);  // NaN → 0
+      break;
+    case PkmActivation::softmax:
+      for (index_t h = 0; h < H; ++h) pkm_softmax(g + h * K, K);
+      break;
+    case PkmActivation::softmax_across_heads:
+      pkm_softmax(g, H * K);
+      break;
+  }
+}
+
+// d_score [H·K] of one token from its gates and d_gates; empty ids (−1) carry none.
+template <class T>
+SMOE_HOST_DEVICE void pkm_score_gradient(PkmActivation activation, index_t H, index_t K, const std::int32_t* ids,
+                                         const T* g, const T* dg, T* d_score) {
+  const auto softmax_backward = [&](index_t begin, index_t n) {
+    T dot = 0;
+    for (index_t q = begin; q < begin + n; ++q)
+      if (ids[q] >= 0) dot += g[q] * dg[q];
+    for (index_t q = begin; q < begin + n; ++q) d_score[q] = g[q] * (dg[q] - dot);
+  };
+  switch (activation) {
+    case PkmActivation::relu:
+      for (index_t q = 0; q < H * K; ++q) d_score[q] = g[q] > T(0) ? dg[q] : T(0);
+      break;
+    case PkmActivation::softmax:
+      for (index_t h = 0; h < H; ++h) softmax_backward(h * K, K);
+      break;
+    case PkmActivation::softmax_across_heads:
+      softmax_backward(0, H * K);
+      break;
+  }
+}
+
+}  // namespace detail
+
+// ProductKeyRouter<T, cuda> is the CUDA backend's (smoe/cuda/product_key_router.cuh).
+template <class T, class Backend = cpu>
 class ProductKeyRouter {
  public:
   using scalar_type = T;
@@ -119,7 +174,7 @@ class ProductKeyRouter {
           const index_t row = ((t - first) * H + h) * N;
           select_head(ua.data() + row, ub.data() + row, s, ids + h * K, gates + h * K);
         }
-        activate(gates);
+        detail::pkm_activate(config_.activation, heads(), k_per_head(), gates);
       }
     });
   }
@@ -151,7 +206,8 @@ class ProductKeyRouter {
         std::fill_n(dua, H * N, T(0));
         std::fill_n(dub, H * N, T(0));
         const std::int32_t* ids = r.experts.data() + t * HK;
-        score_gradient(ids, r.gates.data() + t * HK, d_gates.row(t), d_score.data());
+        detail::pkm_score_gradient(config_.activation, H, K, ids, r.gates.data() + t * HK, d_gates.row(t),
+                                   d_score.data());
         for (index_t q = 0; q < HK; ++q) {
           if (ids[q] < 0) continue;
           const index_t h = q / K;
@@ -209,52 +265,6 @@ class ProductKeyRouter {
     for (index_t r = 0; r < K; ++r) {
       ids[r] = s.candidates[static_cast<std::size_t>(r)].index;
       scores[r] = s.candidates[static_cast<std::size_t>(r)].score;
-    }
-  }
-
-  // Scores [H·K] → gates in place.
-  void activate(T* g) const {
-    const index_t H = heads(), K = k_per_head();
-    switch (config_.activation) {
-      case PkmActivation::relu:
-        for (index_t q = 0; q < H * K; ++q) g[q] = g[q] > T(0) ? g[q] : T(0);  // NaN → 0
-        break;
-      case PkmActivation::softmax:
-        for (index_t h = 0; h < H; ++h) softmax(g + h * K, K);
-        break;
-      case PkmActivation::softmax_across_heads:
-        softmax(g, H * K);
-        break;
-    }
-  }
-
-  static void softmax(T* s, index_t n) {
-    T m = -std::numeric_limits<T>::infinity();  // the largest number (NaN skipped)
-    for (index_t i = 0; i < n; ++i) m = s[i] > m ? s[i] : m;
-    T z = 0;
-    for (index_t i = 0; i < n; ++i) z += std::exp(s[i] - m);
-    for (index_t i = 0; i < n; ++i) s[i] = std::exp(s[i] - m) / z;
-  }
-
-  // d_score [H·K] of one token from its gates and d_gates; empty ids (−1) carry none.
-  void score_gradient(const std::int32_t* ids, const T* g, const T* dg, T* d_score) const {
-    const index_t H = heads(), K = k_per_head();
-    auto softmax_backward = [&](index_t begin, index_t n) {
-      T dot = 0;
-      for (index_t q = begin; q < begin + n; ++q)
-        if (ids[q] >= 0) dot += g[q] * dg[q];
-      for (index_t q = begin; q < begin + n; ++q) d_score[q] = g[q] * (dg[q] - dot);
-    };
-    switch (config_.activation) {
-      case PkmActivation::relu:
-        for (index_t q = 0; q < H * K; ++q) d_score[q] = g[q] > T(0) ? dg[q] : T(0);
-        break;
-      case PkmActivation::softmax:
-        for (index_t h = 0; h < H; ++h) softmax_backward(h * K, K);
-        break;
-      case PkmActivation::softmax_across_heads:
-        softmax_backward(0, H * K);
-        break;
     }
   }
 
