@@ -42,7 +42,7 @@ step "--help lists every flag"
 "$bin" --help >help.txt || fail "--help exited with $?"
 for f in data ffn d-model layers heads context batch steps lr seed threads log save resume sample minutes \
          experts expert-size k warmup weight-decay clip eval-every val-fraction accum stats timing \
-         temperature top-k prompt stop-at; do
+         temperature top-k prompt stop-at device; do
   grep -q -- "--$f\b" help.txt || fail "--help does not list --$f"
 done
 for kind in dense topk sigma-moe switch s-base samoe pkm; do

@@ -16,6 +16,7 @@
 #include "smoe/cuda/expert_choice_router.cuh"
 #include "smoe/cuda/expert_pool.cuh"
 #include "smoe/cuda/feed_forward_experts.cuh"
+#include "smoe/cuda/gradient_ops.cuh"
 #include "smoe/cuda/group_topk_router.cuh"
 #include "smoe/cuda/grouped_ffn.cuh"
 #include "smoe/cuda/grouped_gemm.cuh"

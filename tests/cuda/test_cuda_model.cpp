@@ -97,3 +97,68 @@ TEST_CASE("cuda Model: 10 training steps on the device equal the CPU's", "[cuda]
     CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
   }
 }
+
+TEST_CASE("cuda grad_norm, clip_grad_norm and scale_gradients on a device model equal the CPU's", "[cuda][model][clip]") {
+  using namespace model_test;
+  auto host = make_model<cpu>(false);
+  auto device = make_model<dev>(false);
+  std::uint64_t s = 7;
+  host->for_each_parameter([&](std::string_view, Parameter<float>& p) {
+    smoe::test::randomize(p.value, ++s, 0.2);
+    smoe::test::randomize(p.grad, ++s, 0.5);
+  });
+  for_each_parameter_pair(*host, *device, [](std::string_view, auto& hp, auto& dp) {
+    copy(hp.value, dp.value);
+    copy(hp.grad, dp.grad);
+  });
+  CHECK(grad_norm(*device) == Approx(grad_norm(*host)).epsilon(1e-12));
+  scale_gradients(*host, 0.75);
+  scale_gradients(*device, 0.75);
+  const ClipResult h = clip_grad_norm(*host, 0.5), d = clip_grad_norm(*device, 0.5);
+  CHECK(d.norm == Approx(h.norm).epsilon(1e-12));
+  CHECK(d.scale == Approx(h.scale).epsilon(1e-12));
+  CHECK(d.clipped());
+  for_each_parameter_pair(*host, *device, [&](std::string_view name, auto& hp, auto& dp) {
+    require_close_scaled(to_host(dp.grad), hp.grad, 1e-6, std::string(name) + ".grad");
+  });
+  SECTION("a non-finite gradient is reported and nothing is scaled") {
+    device->embedding().weight().grad.fill(std::numeric_limits<float>::infinity());
+    const auto before = to_host(device->head().weight().grad);
+    CHECK_FALSE(clip_grad_norm(*device, 0.5).finite());
+    const auto after = to_host(device->head().weight().grad);
+    CHECK(std::memcmp(after.data(), before.data(), sizeof(float) * std::size_t(before.size())) == 0);
+  }
+}
+
+TEST_CASE("cuda AdamW: host_state and restore continue the run exactly (checkpoints)", "[cuda][model][adamw]") {
+  using namespace model_test;
+  auto run = [](int steps, bool restart) {
+    auto model = make_model<dev>(true);
+    std::uint64_t s = 3;
+    model->for_each_parameter([&](std::string_view, Parameter<float, dev>& p) { fill_normal(p.value, 0.2, ++s); });
+    AdamW<float, dev> optimizer({.lr = 3e-3, .weight_decay = 0.01});
+    for (int step = 0; step < steps; ++step) {
+      if (restart && step == steps / 2) {  // through the host, as a checkpoint saves and loads it
+        AdamW<float> host({.lr = 3e-3, .weight_decay = 0.01});
+        host.restore(optimizer.steps(), optimizer.host_state());
+        AdamW<float, dev> fresh({.lr = 3e-3, .weight_decay = 0.01});
+        fresh.restore(host.steps(), host.state());
+        optimizer = std::move(fresh);
+      }
+      const Batch b = batch(step, 2, 6);
+      zero_grad(*model);
+      model->forward(std::span<const std::int32_t>(b.ids), std::span<const std::int32_t>(b.targets), 2, Mode::train);
+      model->backward();
+      optimizer.step(*model);
+    }
+    std::vector<float> all;
+    model->for_each_parameter([&](std::string_view, Parameter<float, dev>& p) {
+      const auto v = to_host(p.value);
+      all.insert(all.end(), v.data(), v.data() + v.size());
+    });
+    return all;
+  };
+  const auto straight = run(6, false), restarted = run(6, true);
+  REQUIRE(straight.size() == restarted.size());
+  CHECK(std::memcmp(straight.data(), restarted.data(), straight.size() * sizeof(float)) == 0);
+}

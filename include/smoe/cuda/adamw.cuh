@@ -75,6 +75,28 @@ class AdamW<T, cuda> {
   std::uint64_t steps() const { return steps_; }
   const std::map<std::string, State, std::less<>>& state() const { return state_; }
 
+  // The moments on the host, as AdamW<T>'s state (what io/checkpoint.hpp saves; waits for the
+  // stream). A 16-bit parameter's master weight is not part of it: see restore.
+  typename AdamW<T>::StateMap host_state() const {
+    typename AdamW<T>::StateMap out;
+    for (const auto& [pname, s] : state_) out.emplace(pname, typename AdamW<T>::State{to_host(s.m), to_host(s.v)});
+    return out;
+  }
+  // Continues from host state (a loaded checkpoint's): the moments are copied to the device; a
+  // 16-bit parameter's master weight starts again from the parameter at the next step.
+  void restore(std::uint64_t steps, const typename AdamW<T>::StateMap& host) {
+    std::map<std::string, State, std::less<>> state;
+    for (const auto& [pname, s] : host) {
+      State d;
+      for (Tensor<T, cuda>* t : {&d.m, &d.v, &d.master}) t->set_stream(stream_);
+      copy(s.m, d.m);
+      copy(s.v, d.v);
+      state.emplace(pname, std::move(d));
+    }
+    steps_ = steps;
+    state_ = std::move(state);
+  }
+
   template <HasParameters C>
   void step(C& model) {
     const bool fresh = state_.empty();
@@ -91,16 +113,22 @@ class AdamW<T, cuda> {
       fail(name, "::step: the model visited ", seen.size(), " parameters, the optimizer holds state for ", state_.size());
     if (fresh)
       model.for_each_parameter([&](std::string_view pname, auto& p) {
-        using P = std::remove_cvref_t<decltype(*p.value.data())>;
         State s{Tensor<T, cuda>(p.value.shape(), stream_), Tensor<T, cuda>(p.value.shape(), stream_), {}};
         s.m.zero();
         s.v.zero();
-        if constexpr (!std::is_same_v<P, T>) {
+        state_.emplace(std::string(pname), std::move(s));
+      });
+    // 16-bit parameters update an fp32/fp64 master copy, made from the parameter on its first step.
+    model.for_each_parameter([&](std::string_view pname, auto& p) {
+      using P = std::remove_cvref_t<decltype(*p.value.data())>;
+      if constexpr (!std::is_same_v<P, T>) {
+        State& s = state_.find(pname)->second;
+        if (s.master.size() == 0) {
           s.master = Tensor<T, cuda>(p.value.shape(), stream_);
           cuda_kernels::for_each_index(stream_, p.value.size(), cuda_kernels::ToMaster<P, T>{p.value.data(), s.master.data()});
         }
-        state_.emplace(std::string(pname), std::move(s));
-      });
+      }
+    });
 
     ++steps_;
     const double t = double(steps_), b1 = config_.beta1, b2 = config_.beta2, lr = config_.lr;

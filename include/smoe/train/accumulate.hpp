@@ -27,6 +27,7 @@
 
 #include "smoe/core/error.hpp"
 #include "smoe/core/parameter.hpp"
+#include "smoe/train/gradient_ops.hpp"
 
 namespace smoe {
 
@@ -34,11 +35,7 @@ namespace smoe {
 template <HasParameters C>
 void scale_gradients(C& model, double factor) {
   if (!std::isfinite(factor)) fail("scale_gradients: factor must be finite, got ", factor);
-  model.for_each_parameter([&](std::string_view, auto& p) {
-    using U = std::remove_reference_t<decltype(p.grad[0])>;
-    const U s = U(factor);
-    for (index_t i = 0; i < p.grad.size(); ++i) p.grad[i] *= s;
-  });
+  model.for_each_parameter([&](std::string_view, auto& p) { gradient_ops_of<decltype(p.grad)>::scale(p.grad, factor); });
 }
 
 // n_i / N: the weight of a micro-batch of `micro_tokens` tokens in a batch of `batch_tokens`.

@@ -18,6 +18,7 @@
 
 #include "smoe/core/error.hpp"
 #include "smoe/core/parameter.hpp"
+#include "smoe/train/gradient_ops.hpp"
 
 namespace smoe {
 
@@ -33,20 +34,13 @@ struct ClipResult {
 template <HasParameters C>
 double grad_norm(C& model) {
   double sum = 0, largest = 0;
-  model.for_each_parameter([&](std::string_view, auto& p) {
-    for (index_t i = 0; i < p.grad.size(); ++i) {
-      const double g = double(p.grad[i]);
-      sum += g * g;
-      largest = std::max(largest, std::abs(g));  // NaN never wins std::max; the sum carries it
-    }
-  });
+  model.for_each_parameter(
+      [&](std::string_view, auto& p) { gradient_ops_of<decltype(p.grad)>::sum_squares(p.grad, 1.0, sum, largest); });
   if (std::isinf(sum) && std::isfinite(largest) && largest > 0) {
     sum = 0;  // only overflowed squares get here: sum (g / largest)² instead
+    double unused = 0;
     model.for_each_parameter([&](std::string_view, auto& p) {
-      for (index_t i = 0; i < p.grad.size(); ++i) {
-        const double g = double(p.grad[i]) / largest;
-        sum += g * g;
-      }
+      gradient_ops_of<decltype(p.grad)>::sum_squares(p.grad, largest, sum, unused);
     });
     return largest * std::sqrt(sum);
   }
@@ -64,11 +58,8 @@ template <HasParameters C>
   const double coef = max_norm / (r.norm + 1e-6);
   if (coef < 1.0) {
     r.scale = coef;
-    model.for_each_parameter([&](std::string_view, auto& p) {
-      using U = std::remove_reference_t<decltype(p.grad[0])>;
-      const U s = U(coef);  // as PyTorch: the grad times the factor rounded to the grad's type
-      for (index_t i = 0; i < p.grad.size(); ++i) p.grad[i] *= s;
-    });
+    // As PyTorch: the grad times the factor rounded to the grad's type.
+    model.for_each_parameter([&](std::string_view, auto& p) { gradient_ops_of<decltype(p.grad)>::scale(p.grad, coef); });
   }
   return r;
 }
