@@ -213,3 +213,45 @@ TEST_CASE("cuda attention: RoPE table and rotation equal RotaryTable's", "[cuda]
     }
   }
 }
+
+namespace cuda_attention_test {
+
+// 16-bit layers against the fp32 CPU layer on the same 16-bit-exact weights and inputs: the device
+// rounds only x, y, dx and the weights' gradients (its working buffers are fp32), so within 2e-2.
+template <class T>
+void check_attention_16bit(const Case& c, std::uint64_t seed) {
+  INFO(dtype_name<T>());
+  CausalSelfAttention<float> host(c.config);
+  CausalSelfAttention<T, dev> device(c.config);
+  std::uint64_t s = seed;
+  host.for_each_parameter([&](std::string_view, Parameter<float>& p) {
+    smoe::test::randomize(p.value, ++s, 0.3);
+    p.value = rounded<T>(p.value);
+  });
+  copy_parameters_to_device(host, device);
+  const index_t N = c.sequences * c.length, d = c.config.d_model;
+  const Tensor<float> x = rounded<T>(random_matrix<float>(N, d, seed + 1));
+  const Tensor<float> dy = rounded<T>(random_matrix<float>(N, d, seed + 2));
+  Tensor<float> y({N, d}), dx({N, d});
+  zero_grad(host);
+  zero_grad(device);
+  host.forward(x.matrix(), y.matrix(), c.sequences, c.position_offset);
+  host.backward(dy.matrix(), dx.matrix());
+  const auto xd = to_device<T>(x), dyd = to_device<T>(dy);
+  auto yd = device_nan<T>({N, d}), dxd = device_nan<T>({N, d});
+  device.forward(xd.matrix(), yd.matrix(), c.sequences, c.position_offset);
+  device.backward(dyd.matrix(), dxd.matrix());
+  require_close_scaled(to_host<float>(yd), y, 2e-2, "y");
+  require_close_scaled(to_host(device.log_sum_exp()), host.log_sum_exp(), 2e-2, "lse");
+  require_close_scaled(to_host<float>(dxd), dx, 2e-2, "dx");
+  require_close_scaled(to_host<float>(device.qkv_weight().grad), host.qkv_weight().grad, 2e-2, "qkv.weight.grad");
+  require_close_scaled(to_host<float>(device.out_weight().grad), host.out_weight().grad, 2e-2, "out.weight.grad");
+}
+
+}  // namespace cuda_attention_test
+
+TEST_CASE("cuda attention: bf16 and fp16 layers with fp32 working buffers", "[cuda][attention]") {
+  check_attention_16bit<bf16>({{.d_model = 12, .heads = 3, .kv_heads = 1, .block = 2}, 2, 9, 3}, 31);
+  check_attention_16bit<fp16>({{.d_model = 12, .heads = 3, .kv_heads = 1, .block = 2}, 2, 9, 3}, 32);
+  check_attention_16bit<bf16>({{.d_model = 16, .heads = 4, .rope = false}, 1, 40, 0}, 33);
+}

@@ -1,7 +1,10 @@
 #pragma once
 // CausalSelfAttention<T, cuda>: layers/attention.hpp's causal self-attention on the device (fp32,
-// fp64: the CPU twin's dtypes), same config, parameters ("qkv.weight", "out.weight"), RoPE and
-// grouped-query heads, B sequences of length L as rows, position_offset.
+// fp64, and bf16/fp16 activations and weights), same config, parameters ("qkv.weight",
+// "out.weight"), RoPE and grouped-query heads, B sequences of length L as rows, position_offset.
+// x, y, dx and the weights are T; what attention keeps between its steps (q|k|v, the RoPE table,
+// the output before the projection, lse, dO, D, d(q|k|v)) is in acc_t<T> (fp32 for 16-bit T), so
+// a 16-bit model rounds only where its tensors leave the layer.
 //   projections  qkv = x·W_qkv, y = o·W_out, dO = dy·W_outᵀ, dx = dqkv·W_qkvᵀ: RowGemm; the weight
 //                gradients xᵀ·dqkv and oᵀ·dy: GroupedOuterSum over the rows in order (grouped_gemm.cuh)
 //   RoPE         the table is built on the device from the CPU's rope_angle (double, rounded to T)
@@ -212,8 +215,8 @@ struct AttentionBackwardQueryRow {
 
 template <class T>
 class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "CausalSelfAttention<T, cuda>: T must be float or double (the CPU twin's dtypes)");
+  static_assert(is_device_scalar_v<T>, "CausalSelfAttention<T, smoe::cuda>: T must be float, double, bf16 or fp16");
+  using A = acc_t<T>;  // the working precision
 
  public:
   using scalar_type = T;
@@ -232,7 +235,7 @@ class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
   Parameter<T, cuda>& qkv_weight() { return qkv_weight_; }
   Parameter<T, cuda>& out_weight() { return out_weight_; }
   // Per-row log-sum-exp of the scaled scores of the last forward, [B·L, H].
-  const Tensor<T, cuda>& log_sum_exp() const { return lse_; }
+  const Tensor<A, cuda>& log_sum_exp() const { return lse_; }
 
   template <class F>
   void for_each_parameter(F&& f) {
@@ -247,7 +250,8 @@ class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
       p->value.set_stream(s);
       p->grad.set_stream(s);
     }
-    for (auto* t : {&x_, &qkv_, &o_, &lse_, &rope_cos_, &rope_sin_, &do_, &delta_, &dqkv_}) t->set_stream(s);
+    x_.set_stream(s);
+    for (auto* t : {&qkv_, &o_, &lse_, &rope_cos_, &rope_sin_, &do_, &delta_, &dqkv_}) t->set_stream(s);
   }
 
   // x, y [B·L, d] with B = sequences (>= 1); positions restart at position_offset per sequence.
@@ -266,20 +270,20 @@ class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
     const AttentionLayout at = layout();
     RowOps<cuda>::copy(x, x_.matrix(), stream_);  // x may be a strided view; backward reads a dense copy
     for_each_index(stream_, N * W,
-                   RowGemm<T, T, T>{x_.data(), d, nullptr, Strided<T>{qkv_weight_.value.data(), 0, W, 1}, nullptr,
+                   RowGemm<T, T, A>{x_.data(), d, nullptr, Strided<T>{qkv_weight_.value.data(), 0, W, 1}, nullptr,
                                     nullptr, 0, nullptr, qkv_.data(), W, d, W, false});
     if (config_.rope) {
       const index_t half = dh / 2;
       rope_cos_.resize({length_, half});
       rope_sin_.resize({length_, half});
       for_each_index(stream_, length_ * half,
-                     RopeTable<T>{config_.rope_base, position_offset, dh, rope_cos_.data(), rope_sin_.data()});
+                     RopeTable<A>{config_.rope_base, position_offset, dh, rope_cos_.data(), rope_sin_.data()});
       rotate(qkv_.data(), false);
     }
     for_each_index(stream_, sequences_ * H * length_,
-                   AttentionForwardRow<T>{at, qkv_.data(), o_.data(), lse_.data(), scale()});
+                   AttentionForwardRow<A>{at, qkv_.data(), o_.data(), lse_.data(), scale()});
     for_each_index(stream_, N * d,
-                   RowGemm<T, T, T>{o_.data(), H * dh, nullptr, Strided<T>{out_weight_.value.data(), 0, d, 1}, nullptr,
+                   RowGemm<A, T, T>{o_.data(), H * dh, nullptr, Strided<T>{out_weight_.value.data(), 0, d, 1}, nullptr,
                                     nullptr, 0, nullptr, y.data, y.stride, H * dh, d, false});
   }
 
@@ -298,25 +302,25 @@ class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
     dqkv_.resize({N, W});
     // dO = dy·W_outᵀ (W_out [H·d_head, d] read transposed through strides), W_out.grad += oᵀ·dy.
     for_each_index(stream_, N * H * dh,
-                   RowGemm<T, T, T>{dy.data, dy.stride, nullptr, Strided<T>{out_weight_.value.data(), 0, 1, d}, nullptr,
+                   RowGemm<T, T, A>{dy.data, dy.stride, nullptr, Strided<T>{out_weight_.value.data(), 0, 1, d}, nullptr,
                                     nullptr, 0, nullptr, do_.data(), H * dh, d, H * dh, false});
     for_each_index(stream_, H * dh * d,
-                   GroupedOuterSum<T, T, T>{o_.data(), H * dh, nullptr, dy.data, dy.stride, nullptr, N,
+                   GroupedOuterSum<A, T, T>{o_.data(), H * dh, nullptr, dy.data, dy.stride, nullptr, N,
                                             out_weight_.grad.data(), H * dh, d});
-    for_each_index(stream_, N * H, RowDelta<T>{at, do_.data(), o_.data(), delta_.data()});
+    for_each_index(stream_, N * H, RowDelta<A>{at, do_.data(), o_.data(), delta_.data()});
     for_each_index(stream_, sequences_ * G * length_,
-                   AttentionBackwardKeyRow<T>{at, qkv_.data(), do_.data(), lse_.data(), delta_.data(), dqkv_.data(),
+                   AttentionBackwardKeyRow<A>{at, qkv_.data(), do_.data(), lse_.data(), delta_.data(), dqkv_.data(),
                                               scale()});
     for_each_index(stream_, sequences_ * H * length_,
-                   AttentionBackwardQueryRow<T>{at, qkv_.data(), do_.data(), lse_.data(), delta_.data(), dqkv_.data(),
+                   AttentionBackwardQueryRow<A>{at, qkv_.data(), do_.data(), lse_.data(), delta_.data(), dqkv_.data(),
                                                 scale()});
     if (config_.rope) rotate(dqkv_.data(), true);
     // W_qkv.grad += xᵀ·dqkv, dx = dqkv·W_qkvᵀ.
     for_each_index(stream_, d * W,
-                   GroupedOuterSum<T, T, T>{x_.data(), d, nullptr, dqkv_.data(), W, nullptr, N, qkv_weight_.grad.data(),
+                   GroupedOuterSum<T, A, T>{x_.data(), d, nullptr, dqkv_.data(), W, nullptr, N, qkv_weight_.grad.data(),
                                             d, W});
     for_each_index(stream_, N * d,
-                   RowGemm<T, T, T>{dqkv_.data(), W, nullptr, Strided<T>{qkv_weight_.value.data(), 0, 1, W}, nullptr,
+                   RowGemm<A, T, T>{dqkv_.data(), W, nullptr, Strided<T>{qkv_weight_.value.data(), 0, 1, W}, nullptr,
                                     nullptr, 0, nullptr, dx.data, dx.stride, W, d, false});
   }
 
@@ -324,23 +328,24 @@ class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
   cuda_kernels::AttentionLayout layout() const {
     return {length_, heads(), kv_heads(), head_dim(), qkv_width()};
   }
-  // As the CPU: 1/√d_head rounded to T.
-  T scale() const { return T(1.0 / std::sqrt(double(head_dim()))); }
+  // As the CPU: 1/√d_head rounded to the working precision.
+  A scale() const { return A(1.0 / std::sqrt(double(head_dim()))); }
 
   // RoPE (or its inverse) on the q and k heads of a [N, W] buffer, by the table of the last forward.
-  void rotate(T* rows, bool back) {
+  void rotate(A* rows, bool back) {
     const index_t N = x_.dim(0), dh = head_dim(), heads_rotated = heads() + kv_heads();
     cuda_kernels::for_each_index(stream_, N * heads_rotated * (dh / 2),
-                                 cuda_kernels::RopeRotate<T>{rows, rope_cos_.data(), rope_sin_.data(), length_,
+                                 cuda_kernels::RopeRotate<A>{rows, rope_cos_.data(), rope_sin_.data(), length_,
                                                              qkv_width(), heads_rotated, dh, back});
   }
 
   cuda_stream stream_{};
   Parameter<T, cuda> qkv_weight_, out_weight_;
   index_t sequences_ = 0, length_ = 0;
-  Tensor<T, cuda> x_, qkv_, o_, lse_;    // forward cache: input, rotated q|k|v, attention output, log-sum-exp
-  Tensor<T, cuda> rope_cos_, rope_sin_;  // [L, d_head/2] of the last forward's positions
-  Tensor<T, cuda> do_, delta_, dqkv_;    // backward: dO, D = rowsum(dO ⊙ O), d(q|k|v)
+  Tensor<T, cuda> x_;                    // forward cache: input (dense), then in A:
+  Tensor<A, cuda> qkv_, o_, lse_;        // rotated q|k|v, attention output, log-sum-exp
+  Tensor<A, cuda> rope_cos_, rope_sin_;  // [L, d_head/2] of the last forward's positions
+  Tensor<A, cuda> do_, delta_, dqkv_;    // backward: dO, D = rowsum(dO ⊙ O), d(q|k|v)
 };
 
 }  // namespace smoe
