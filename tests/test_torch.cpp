@@ -211,6 +211,74 @@ TEST_CASE("TorchLayer over a TransformerBlock: [B, L, d] sequences, equal to the
                       Catch::Contains("TorchLayer: x must be [B, L, d_model = 6] (sequences, positions, features), got [8, 6]"));
 }
 
+namespace {
+// Forward and backward through the module and through a twin smoe layer: outputs, aux loss, dx and
+// every named gradient bit-equal; returns the module's parameter names.
+template <class L>
+std::vector<std::string> check_against_twin(L reference, L twin) {
+  auto module = make_torch_layer(std::move(twin));
+  const torch::Tensor x = random_tensor({tokens, d}, torch::kFloat32, 13), dy = random_tensor({tokens, d}, torch::kFloat32, 14);
+  Tensor<float> xs({tokens, d}), ys({tokens, d}), dys({tokens, d}), dxs({tokens, d});
+  std::copy_n(x.data_ptr<float>(), xs.size(), xs.data());
+  std::copy_n(dy.data_ptr<float>(), dys.size(), dys.data());
+  float aux = 0;
+  if constexpr (requires { reference.forward(xs.matrix(), ys.matrix(), Mode::train).aux_loss; })
+    aux = reference.forward(xs.matrix(), ys.matrix(), Mode::train).aux_loss;
+  else
+    reference.forward(xs.matrix(), ys.matrix());
+  reference.backward(dys.matrix(), dxs.matrix());
+  torch::Tensor xg = x.clone().requires_grad_(true);
+  const TorchLayerOutput o = module->forward(xg);
+  ((o.y * dy).sum() + o.aux_loss).backward();
+  CHECK(o.aux_loss.item<float>() == aux);
+  CHECK(std::equal(o.y.data_ptr<float>(), o.y.data_ptr<float>() + o.y.numel(), ys.data()));
+  CHECK(std::equal(xg.grad().data_ptr<float>(), xg.grad().data_ptr<float>() + xg.numel(), dxs.data()));
+  std::map<std::string, const Parameter<float>*> grads;
+  for_each_layer_parameter(reference, [&](std::string_view n, Parameter<float>& p) { grads[std::string(n)] = &p; });
+  std::vector<std::string> names;
+  for (const auto& p : module->named_parameters()) {
+    INFO("parameter " << p.key());
+    names.push_back(p.key());
+    REQUIRE(grads.count(p.key()) == 1);
+    const torch::Tensor g = p.value().grad();
+    CHECK(std::equal(g.data_ptr<float>(), g.data_ptr<float>() + g.numel(), grads[p.key()]->grad.data()));
+  }
+  CHECK(names.size() == grads.size());
+  return names;
+}
+}  // namespace
+
+TEST_CASE("TorchLayer over a MoEStack, a ResidualMoE and a DenseMLP equals smoe's own", "[torch]") {
+  SECTION("a two-layer stack: names layers.{l}.…, one routing statistic per layer") {
+    auto make = [] { return MoEStack<SigmaMoE<float>>(2, [](index_t l) { return make_sigma_moe<float>(10 + l); }); };
+    const auto names = check_against_twin(make(), make());
+    CHECK(std::find(names.begin(), names.end(), "layers.1.router.weight") != names.end());
+    auto module = make_torch_layer(make());
+    module->forward(random_tensor({tokens, d}, torch::kFloat32, 1));
+    CHECK(module->routing_stats().size() == 2);
+  }
+  SECTION("PR-MoE residual expert") {
+    auto make = [] { return ResidualMoE<SigmaMoE<float>>(make_sigma_moe<float>(), {.hidden = 5, .bias = true}); };
+    ResidualMoE<SigmaMoE<float>> a = make(), b = make();
+    randomize_parameters(a, 90, 0.3);
+    randomize_parameters(b, 90, 0.3);
+    const auto names = check_against_twin(std::move(a), std::move(b));
+    CHECK(std::find(names.begin(), names.end(), "residual.w1") != names.end());
+  }
+  SECTION("a dense MLP: no aux loss, no routing statistics") {
+    auto make = [] {
+      DenseMLP<float> mlp({.d_model = d, .hidden = 7, .bias = true});
+      dense_init(mlp, {.seed = 4});
+      return mlp;
+    };
+    check_against_twin(make(), make());
+    auto module = make_torch_layer(make());
+    const TorchLayerOutput o = module->forward(random_tensor({tokens, d}, torch::kFloat32, 1));
+    CHECK(o.aux_loss.item<float>() == 0.0f);
+    CHECK(module->routing_stats().empty());
+  }
+}
+
 TEST_CASE("one torch::optim::AdamW step equals smoe::AdamW within 1e-6", "[torch][adamw]") {
   SigmaMoE<float> reference = make_sigma_moe<float>();
   auto module = make_torch_layer(make_sigma_moe<float>());
@@ -320,6 +388,42 @@ TEST_CASE("TorchLayer: NoGradGuard builds no graph; stale backward, dtype, devic
   REQUIRE_THROWS_WITH(module->forward(torch::Tensor()), Contains("x must be a tensor, got an undefined one"));
   REQUIRE_THROWS_WITH(module->to(torch::kFloat64), Contains("TorchLayer: to(Double) is not supported"));
   REQUIRE_NOTHROW(module->to(torch::kFloat32));
+}
+
+TEST_CASE("docs/interop.md: a torch MLP swapped for a smoe MoE layer trains", "[torch][docs]") {
+  torch::manual_seed(3);
+  // example-begin interop_swap
+  // Before: torch::nn::Sequential ffn(torch::nn::Linear(d, 4 * d), torch::nn::ReLU(), torch::nn::Linear(4 * d, d));
+  using SigmaMoE = smoe::MoE<smoe::SigmoidTopK<float>, smoe::ReluExperts<float>, smoe::WeightedSum<float>,
+                             smoe::EntropyLoss<float>>;
+  SigmaMoE moe(smoe::SigmoidTopK<float>({.d_model = d, .experts = 8, .k = 2}),
+               smoe::ReluExperts<float>({.d_model = d, .experts = 8, .hidden = d / 2}), smoe::WeightedSum<float>{},
+               smoe::EntropyLoss<float>(0.001));
+  smoe::sigma_moe_init(moe, {.seed = 1});
+  smoe::TorchLayer<SigmaMoE> ffn(std::move(moe));  // a torch module: register_module("ffn", ffn) in yours
+
+  torch::optim::AdamW optimizer(ffn->parameters(), torch::optim::AdamWOptions(1e-2));
+  torch::Tensor x = torch::randn({4, 16, d});  // any leading dimensions; float32 on the CPU
+  auto [y, aux_loss] = ffn->forward(x);        // y: x's shape; aux_loss: a 0-d tensor in autograd
+  torch::Tensor loss = torch::mse_loss(y, torch::tanh(x)) + aux_loss;  // aux with weight 1: one backward
+  optimizer.zero_grad();
+  loss.backward();  // smoe's backward: x.grad (if x requires it) and every parameter's .grad()
+  optimizer.step();
+  const smoe::RoutingStats& stats = ffn->routing_stats().at(0);  // tokens per expert, entropy, drops
+  // example-end interop_swap
+  CHECK(stats.assignments == 4 * 16 * 2);
+  CHECK(y.sizes() == x.sizes());
+  double first = loss.item<double>(), last = first;
+  for (int step = 0; step < 100; ++step) {
+    auto [y2, aux2] = ffn->forward(x);
+    torch::Tensor l = torch::mse_loss(y2, torch::tanh(x)) + aux2;
+    optimizer.zero_grad();
+    l.backward();
+    optimizer.step();
+    last = l.item<double>();
+  }
+  INFO("loss " << first << " -> " << last);
+  CHECK(last < 0.5 * first);
 }
 
 TEST_CASE("DLPack round trip with libtorch: at::toDLPack → from_dlpack, to_dlpack → at::fromDLPack", "[torch][dlpack]") {
