@@ -340,6 +340,19 @@ TEST_CASE("TorchLayer parameters share storage with smoe's, both directions", "[
   REQUIRE(p.grad().defined());
   CHECK(p.grad().data_ptr() == static_cast<void*>(w1->grad.data()));
   CHECK(p.grad().abs().sum().item<float>() > 0);
+  // A frozen parameter gets no .grad(), so torch's optimizers leave it alone.
+  torch::Tensor router = module->named_parameters()["router.weight"];
+  router.requires_grad_(false);
+  const torch::Tensor before = router.clone();
+  torch::optim::AdamW frozen(module->parameters(), torch::optim::AdamWOptions(0.1));
+  frozen.zero_grad();
+  const TorchLayerOutput o2 = module->forward(random_tensor({tokens, d}, torch::kFloat32, 6));
+  (o2.y.sum() + o2.aux_loss).backward();
+  frozen.step();
+  CHECK(!router.grad().defined());
+  CHECK(torch::equal(router, before));
+  CHECK(!torch::equal(p, p.detach().clone().fill_(3.5f)));  // w1 trained (it was all 3.5 but two)
+  router.requires_grad_(true);
   // The wrappers keep the layer alive: a parameter outlives its module.
   torch::Tensor kept = module->named_parameters()["router.weight"];
   const float first = kept.flatten()[0].item<float>();

@@ -24,9 +24,10 @@
 // Parameter gradients accumulate straight into the shared .grad() (that is where smoe's backward
 // accumulates), so the Function reports none to autograd: torch::autograd::grad(loss, params) does
 // not see them, loss.backward() does. A .grad() set to none (zero_grad(true)) is re-attached, zeroed,
-// at the next backward. MoE's backward returns the gradient of Σ y ⊙ dy + aux (the aux loss with
-// weight 1, its coefficients inside): `loss = task + aux` is one backward; any other weight c on aux
-// (unused aux: c = 0) costs a second backward for the aux term alone, added as (c − 1)·∂aux.
+// at the next backward; a frozen parameter (requires_grad_(false)) has none. MoE's backward returns
+// the gradient of Σ y ⊙ dy + aux (the aux loss with weight 1, its coefficients inside):
+// `loss = task + aux` is one backward; any other weight c on aux (unused aux: c = 0) costs a second
+// backward for the aux term alone, added as (c − 1)·∂aux.
 //
 // Caches: a smoe layer keeps the caches of its last forward only, and MoE keeps a view of x, not a
 // copy: the Function saves the (contiguous) x for backward, and a backward whose forward is not the
@@ -149,6 +150,7 @@ struct TorchLayerState : torch::CustomClassHolder {
 
 // Re-attaches each .grad() that torch set to none or replaced: smoe's backward accumulates into
 // the parameter's grad, which must be what torch reads (a replaced gradient's values are kept).
+// A parameter with requires_grad(false) gets none (smoe still computes it; nobody reads it).
 template <class State>
 void attach_gradients(const c10::intrusive_ptr<State>& state) {
   torch::NoGradGuard no_grad;
@@ -157,6 +159,10 @@ void attach_gradients(const c10::intrusive_ptr<State>& state) {
     if (!impl) continue;  // the torch parameter is gone: nobody reads its gradient
     torch::Tensor value(std::move(impl));
     torch::Tensor& g = value.mutable_grad();
+    if (!value.requires_grad()) {  // frozen: no .grad(), so torch's optimizers skip it
+      g.reset();
+      continue;
+    }
     if (g.defined() && g.data_ptr() == static_cast<void*>(s.parameter->grad.data())) continue;
     torch::Tensor shared = wrap_shared(s.parameter->grad, state);
     if (g.defined()) shared.copy_(g);
