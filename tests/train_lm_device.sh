@@ -9,6 +9,7 @@
 set -euo pipefail
 
 bin="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
+here="$(cd "$(dirname "$0")" && pwd)"
 work="$2"
 rm -rf "$work"
 mkdir -p "$work"
@@ -21,16 +22,7 @@ fail() {
 }
 step() { echo "train_lm_device: $*"; }
 
-awk 'BEGIN {
-  srand(7)
-  n = split("the of and to a in is was he for it with as his on be at by that had she they", w, " ")
-  for (i = 0; i < 2500; ++i) {
-    line = ""
-    m = 4 + int(rand() * 8)
-    for (j = 0; j < m; ++j) line = line (j ? " " : "") w[1 + int(rand() * n)]
-    print toupper(substr(line, 1, 1)) substr(line, 2) "."
-  }
-}' >text.txt
+awk -f "$here/train_lm_text.awk" >text.txt
 
 tiny=(--data text.txt --d-model 16 --layers 2 --heads 2 --context 16 --batch 4 --experts 4 --expert-size 8 --k 2
       --lr 1e-2 --eval-every 3 --eval-tokens 256 --final-eval-tokens 1024 --print-every 100 --threads 1

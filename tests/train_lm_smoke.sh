@@ -10,6 +10,7 @@
 set -euo pipefail
 
 bin="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
+here="$(cd "$(dirname "$0")" && pwd)"
 work="$2"
 rm -rf "$work"
 mkdir -p "$work"
@@ -22,17 +23,7 @@ fail() {
 }
 step() { echo "train_lm_smoke: $*"; }
 
-# A small text: sentences of common words, from a fixed awk seed.
-awk 'BEGIN {
-  srand(7)
-  n = split("the of and to a in is was he for it with as his on be at by that had she they", w, " ")
-  for (i = 0; i < 2500; ++i) {
-    line = ""
-    m = 4 + int(rand() * 8)
-    for (j = 0; j < m; ++j) line = line (j ? " " : "") w[1 + int(rand() * n)]
-    print toupper(substr(line, 1, 1)) substr(line, 2) "."
-  }
-}' >text.txt
+awk -f "$here/train_lm_text.awk" >text.txt
 [[ $(wc -c <text.txt) -gt 20000 ]] || fail "the generated text is too short"
 
 tiny=(--data text.txt --d-model 16 --layers 2 --heads 2 --context 16 --batch 4 --experts 4 --expert-size 8 --k 2
