@@ -6,11 +6,13 @@
 #include <smoe/hf/moe_block.hpp>
 #include <smoe/train/gradient_check.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
