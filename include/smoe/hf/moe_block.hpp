@@ -43,6 +43,17 @@ using Qwen2MoE = SharedExpertsMoE<SoftmaxMoE, SwiGlu>;                          
 using DeepSeekMoE = SharedExpertsMoE<MoE<GroupTopKRouter<float>, SwiGluExperts<float>>, SwiGlu>;  // deepseek_v3
 using GptOssMoE = MoE<TopKRouter<float, SoftmaxGate>, FeedForwardExperts<float, ClampedSwiGlu>>;  // gpt_oss
 
+namespace detail {
+// The routed MoE<> of a layer (inside SharedExpertsMoE, or the layer itself).
+template <class L>
+auto& routed_moe(L& l) {
+  if constexpr (requires { l.moe(); })
+    return l.moe();
+  else
+    return l;
+}
+}  // namespace detail
+
 class SparseMoeBlock {
  public:
   using scalar_type = float;
@@ -68,22 +79,25 @@ class SparseMoeBlock {
   }
   // The routing of the last forward: experts [T, k] best first, gates [T, k] as applied.
   const Routing<float>& routing() const {
-    return std::visit([](const auto& l) -> const Routing<float>& { return inner(l).routing(); }, layer_);
+    return std::visit([](const auto& l) -> const Routing<float>& { return detail::routed_moe(l).routing(); }, layer_);
   }
 
   template <class F>
   void for_each_parameter(F&& f) {
     std::visit([&](auto& l) { l.for_each_parameter(f); }, layer_);
   }
+  // Non-trained state (DeepSeek-V3's e_score_correction_bias as "router.bias"), for checkpoints.
+  template <class F>
+  void for_each_buffer(F&& f) {
+    std::visit(
+        [&](auto& l) {
+          auto& m = detail::routed_moe(l);
+          if constexpr (requires { m.for_each_buffer(f); }) m.for_each_buffer(f);
+        },
+        layer_);
+  }
 
  private:
-  template <class L>
-  static const auto& inner(const L& l) {
-    if constexpr (requires { l.moe(); })
-      return l.moe();
-    else
-      return l;
-  }
 
   Layer layer_;
 };
