@@ -70,13 +70,16 @@ int run_hf(int argc, char** argv) {
     return 0;
   }
   try {
-    if (argc != 5 && argc != 7) smoe::fail("expected MODEL_DIR IN OUT [--layer L], got ", argc - 2, " arguments");
+    if (argc != 5 && argc != 7) {
+      std::cerr << "smoe_eval hf: expected MODEL_DIR IN OUT --layer L, got " << argc - 2 << " arguments\n" << hf_usage;
+      return 1;
+    }
     if (argc == 5)
       smoe::fail("whole decoder models (no --layer) are not supported yet; pass --layer L for one MoE block");
     if (std::string_view(argv[5]) != "--layer") smoe::fail("unknown option '", argv[5], "' (expected --layer L)");
     run_hf_block(argv[2], argv[3], argv[4], parse_layer(argv[6]));
   } catch (const smoe::error& e) {
-    std::cerr << "smoe_eval hf: " << e.what() << "\n" << hf_usage;
+    std::cerr << "smoe_eval hf: " << e.what() << "\n";
     return 1;
   } catch (const std::exception& e) {
     std::cerr << "smoe_eval hf: unexpected failure: " << e.what() << "\n";
