@@ -2,6 +2,7 @@
 // independent implementation (another framework, a reference script) can check smoe's numbers.
 //
 //   smoe_eval SPEC.json IN.safetensors OUT.safetensors
+//   smoe_eval hf MODEL_DIR IN.safetensors OUT.safetensors --layer L   (examples/smoe_eval_hf.cpp)
 //
 // SPEC  {"d_model", "n_experts", "expert_size", "k", "router", "activation": "relu" | "gelu" | "swiglu",
 //        "bias": false, "coef": {"switch": 0, "z": 0, "entropy": 0, "importance": 0},
@@ -291,8 +292,11 @@ void run(const std::string& spec_path, const std::string& in_path, const std::st
   });
 }
 
+int run_hf(int argc, char** argv);  // smoe_eval_hf.cpp: `smoe_eval hf MODEL_DIR IN OUT --layer L`
+
 // main's body (examples/smoe_eval_main.cpp), apart so the fuzz harness links the rest.
 int run_main(int argc, char** argv) {
+  if (argc >= 2 && std::string_view(argv[1]) == "hf") return run_hf(argc, argv);
   if (argc == 2 && (std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h")) {
     std::cout << usage;
     return 0;

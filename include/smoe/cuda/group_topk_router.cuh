@@ -137,6 +137,7 @@ class GroupTopKRouter<T, cuda> {
       fail(name, ": the CUDA backend needs k <= ", cuda_kernels::max_topk, ", topk_groups <= ", cuda_kernels::max_topk,
            " and n_groups <= ", cuda_kernels::max_groups, "; got k = ", config.k, ", topk_groups = ", config.topk_groups,
            ", n_groups = ", config.n_groups);
+    if (!config.normalize) fail(name, ": normalize = false (unnormalized gates) is CPU-only so far, got normalize = false");
     weight_ = Parameter<G, cuda>({config.experts, config.d_model});
     bias_ = Tensor<G, cuda>({config.experts});
     bias_.zero();

@@ -46,6 +46,7 @@ class SharedExpertsMoE<Layer, Act> {
       : moe_(std::move(moe)),
         config_((c.validate(name), c)),
         shared_(FeedForwardConfig{.d_model = moe_.d_model(), .experts = c.experts, .hidden = c.hidden, .bias = c.bias}) {
+    if (c.sigmoid_gate) fail(name, ": the sigmoid shared-expert gate is CPU-only so far, got sigmoid_gate = true");
     set_stream(moe_.stream());
   }
 

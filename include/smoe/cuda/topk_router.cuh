@@ -86,6 +86,7 @@ class TopKRouter<T, Gate, cuda> {
       : config_((config.validate(name), config)), gate_(gate), stream_(stream) {
     if (config.k > cuda_kernels::max_topk)
       fail(name, ": k must be <= ", cuda_kernels::max_topk, " on the CUDA backend, got ", config.k);
+    if (config.bias) fail(name, ": a router logit bias is CPU-only so far, got bias = true");
     weight_ = Parameter<G, cuda>({config.experts, config.d_model});
     set_stream(stream);
   }

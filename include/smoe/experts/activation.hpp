@@ -85,6 +85,41 @@ struct SwiGlu {
   }
 };
 
+// GPT-OSS's clamped SwiGLU (OpenAI 2025, gpt-oss; HF transformers GptOssExperts):
+//   g = min(a, 7),  u = clamp(b, −7, 7),  h = (u + 1) · g · σ(1.702 · g),
+// with a = x·W1_gate (+ bias), b = x·W1_up (+ bias) in the [gate half | up half] layout (the HF
+// checkpoint interleaves them; the loader separates the columns). A clamped input has zero gradient.
+struct ClampedSwiGlu {
+  static constexpr index_t fan = 2;
+  static constexpr const char* name = "clamped_swiglu";
+  static constexpr double limit = 7.0, alpha = 1.702;
+  template <class T>
+  SMOE_HOST_DEVICE static T unit(const T* pre, index_t i, index_t G) {
+    using std::exp;
+    const T g = pre[i] > T(limit) ? T(limit) : pre[i];
+    const T u = pre[G + i] > T(limit) ? T(limit) : (pre[G + i] < T(-limit) ? T(-limit) : pre[G + i]);
+    return (u + T(1)) * g / (T(1) + exp(-T(alpha) * g));
+  }
+  template <class T>
+  SMOE_HOST_DEVICE static void unit_backward(const T* pre, index_t i, index_t G, T dh, T* dpre) {
+    using std::exp;
+    const T a = pre[i], b = pre[G + i];
+    const T g = a > T(limit) ? T(limit) : a;
+    const T u = b > T(limit) ? T(limit) : (b < T(-limit) ? T(-limit) : b);
+    const T sig = T(1) / (T(1) + exp(-T(alpha) * g));
+    dpre[i] = a > T(limit) ? T(0) : dh * (u + T(1)) * sig * (T(1) + T(alpha) * g * (T(1) - sig));
+    dpre[G + i] = (b > T(limit) || b < T(-limit)) ? T(0) : dh * g * sig;
+  }
+  template <class T>
+  static void forward(const T* pre, T* h, index_t G) {
+    for (index_t i = 0; i < G; ++i) h[i] = unit(pre, i, G);
+  }
+  template <class T>
+  static void backward(const T* pre, const T* dh, T* dpre, index_t G) {
+    for (index_t i = 0; i < G; ++i) unit_backward(pre, i, G, dh[i], dpre);
+  }
+};
+
 template <class A>
 concept Activation = requires(const float* cp, float* p, index_t n) {
   { A::fan } -> std::convertible_to<index_t>;

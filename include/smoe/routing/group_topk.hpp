@@ -6,13 +6,17 @@
 //   experts split into n_groups consecutive groups of E / n_groups,
 //   group score = sum of the group's two largest q (a one-expert group: its single q),
 //   keep the topk_groups best groups, ids = top-k of q among the kept groups' experts,
-//   gate_j = route_scale · σ[e_j] / Σ_i σ[e_i]   (the bias never enters a gate).
+//   gate_j = route_scale · σ[e_j] / Σ_i σ[e_i]   (the bias never enters a gate),
+//   or, with normalize = false (HF's norm_topk_prob = false), gate_j = route_scale · σ[e_j].
 // Ties go to the smaller group index, then to the smaller expert id; NaN ranks below every number.
 // Gradient: through the normalized sigmoid gates into W and x; selection is piecewise constant
 // and the bias gets none. routing.logits = s. With n_groups = 1 (or topk_groups = n_groups) this
 // is plain sigmoid top-k with gates normalized to sum route_scale.
 // Gates are computed as route_scale · softmax over the K selected of log σ(s), the same value as
 // σ / Σσ, but free of 0/0 when every selected σ underflows.
+// HF transformers divides by (Σσ + 1e-20); the epsilon only matters when every selected σ
+// underflows, where the softmax of log σ stays finite instead of 0/0 (difference below float
+// resolution otherwise).
 // DeepSeek-V3: E = 256, n_groups = 8, topk_groups = 4, k = 8, route_scale = 2.5. The released
 // inference code scores a group by its max when the gate has no bias; here the top-2 sum is used
 // always (as HF transformers' DeepseekV3, whose gate always has the bias). A one-expert group,
@@ -41,7 +45,8 @@ struct GroupTopKRouterConfig {
   index_t k = 1;
   index_t n_groups = 1;     // experts % n_groups == 0
   index_t topk_groups = 1;  // groups kept per token, in [1, n_groups]
-  double route_scale = 1.0;  // gates of a token sum to route_scale
+  double route_scale = 1.0;  // gates of a token sum to route_scale (when normalize)
+  bool normalize = true;     // false: gate = route_scale · σ, unnormalized (HF norm_topk_prob = false)
 
   void validate(const char* context) const {
     if (d_model < 1) fail(context, ": d_model must be >= 1, got ", d_model);
@@ -134,7 +139,10 @@ class GroupTopKRouter {
         }
         // k <= keep · size alive candidates, so every selected expert is in a kept group.
         select_topk(q.data(), E, K, ids, limit_groups ? removed.data() : nullptr);
-        normalized_gates(s, ids, K, out.gates.data() + t * K);
+        if (config_.normalize)
+          normalized_gates(s, ids, K, out.gates.data() + t * K);
+        else
+          for (index_t j = 0; j < K; ++j) out.gates[t * K + j] = T(config_.route_scale) * sigmoid(s[ids[j]]);
       }
     });
     std::fill(load_.begin(), load_.end(), index_t(0));
@@ -159,6 +167,11 @@ class GroupTopKRouter {
         const std::int32_t* ids = r.experts.data() + t * K;
         const T* dg = d_gates.row(t);
         T* dl = d_logits.row(t);
+        if (!config_.normalize) {  // gate_j = c·σ(s_{e_j}): ∂/∂s = c·σ(s)·σ(−s)
+          for (index_t j = 0; j < K; ++j)
+            if (ids[j] >= 0) dl[ids[j]] += c * dg[j] * sigmoid(s[ids[j]]) * sigmoid(-s[ids[j]]);
+          continue;
+        }
         normalized_gates(s, ids, K, n.data(), T(1));
         T dot = 0;
         for (index_t j = 0; j < K; ++j)

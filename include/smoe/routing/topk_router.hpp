@@ -1,6 +1,6 @@
 #pragma once
 // TopKRouter: the linear token-choice router shared by softmax and sigmoid gating.
-//   logits s = x Wᵀ (W: "weight" [E, d]),  ids = top-k of s (expert dropout during training),
+//   logits s = x Wᵀ (+ b, "bias" [E], when config.bias: GPT-OSS's router),  ids = top-k of s (expert dropout during training),
 //   gates = Gate policy applied to s at the selected ids.
 // Selection on the logits equals selection on sigmoid(s) or softmax(s): both are monotone.
 #include <cstdint>
@@ -22,6 +22,7 @@ struct TopKRouterConfig {
   index_t experts = 0;
   index_t k = 1;
   ExpertDropout expert_dropout{};
+  bool bias = false;  // a trained logit bias "bias" [E] (GPT-OSS); it enters selection and gates
 
   void validate(const char* context) const {
     if (d_model < 1) fail(context, ": d_model must be >= 1, got ", d_model);
@@ -68,7 +69,9 @@ class TopKRouter {
   static constexpr const char* name = "TopKRouter";
 
   explicit TopKRouter(TopKRouterConfig config, Gate gate = {})
-      : config_((config.validate(name), config)), gate_(gate), weight_({config.experts, config.d_model}) {}
+      : config_((config.validate(name), config)), gate_(gate), weight_({config.experts, config.d_model}) {
+    if (config.bias) bias_ = Parameter<T>({config.experts});
+  }
 
   index_t experts() const { return config_.experts; }
   index_t k() const { return config_.k; }
@@ -76,6 +79,7 @@ class TopKRouter {
   const TopKRouterConfig& config() const { return config_; }
   const Gate& gate() const { return gate_; }
   Parameter<T>& weight() { return weight_; }
+  Parameter<T>& bias() { return bias_; }  // empty unless config.bias
   // Training steps taken: the expert-dropout masks of step s depend on (seed, s) only.
   std::uint64_t step() const { return step_; }
   void set_step(std::uint64_t s) { step_ = s; }
@@ -83,6 +87,7 @@ class TopKRouter {
   template <class F>
   void for_each_parameter(F&& f) {
     f(std::string_view("weight"), weight_);
+    if (config_.bias) f(std::string_view("bias"), bias_);
   }
   // The step counter (a checkpoint restores it so a resumed run draws the same random numbers).
   template <class F>
@@ -107,6 +112,8 @@ class TopKRouter {
       for (index_t t = first; t < last; ++t) {
         const T* s = out.logits.data() + t * E;
         std::int32_t* ids = out.experts.data() + t * K;
+        if (config_.bias)
+          for (index_t e = 0; e < E; ++e) out.logits[t * E + e] += bias_.value[e];
         if (drop) config_.expert_dropout.mask(step, t, E, removed.data());
         select_topk(s, E, K, ids, drop ? removed.data() : nullptr);
         gate_.forward(s, E, ids, K, out.gates.data() + t * K);
@@ -128,6 +135,9 @@ class TopKRouter {
         gate_.backward(r.logits.data() + t * E, E, r.experts.data() + t * K, K, r.gates.data() + t * K,
                        d_gates.row(t), d_logits.row(t));
     });
+    if (config_.bias)  // ∂s/∂b = 1: the bias gradient sums d_logits over tokens, in token order
+      for (index_t t = 0; t < tokens; ++t)
+        for (index_t e = 0; e < E; ++e) bias_.grad[e] += d_logits(t, e);
     LinearScores<T>::backward(x, ConstMatrixView<T>(d_logits), std::as_const(weight_.value).matrix(),
                               weight_.grad.matrix(), dx);
   }
@@ -137,7 +147,7 @@ class TopKRouter {
 
   TopKRouterConfig config_;
   Gate gate_;
-  Parameter<T> weight_;
+  Parameter<T> weight_, bias_;
   LinearScores<T> scores_;
   std::uint64_t step_ = 0;
 };
