@@ -3,8 +3,10 @@
 # when something is missing).
 set -euo pipefail
 # clang-14 and libclang-rt-14-dev: the second compiler of CI and libFuzzer with the sanitizers.
+# openmpi-bin, libopenmpi-dev: expert parallelism over MPI and its tests (docs/distributed.md).
 packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
-          python3 python3-numpy python3-torch libopenblas0-pthread clang-14 libclang-rt-14-dev libomp-dev)
+          python3 python3-numpy python3-torch libopenblas0-pthread clang-14 libclang-rt-14-dev libomp-dev
+          openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

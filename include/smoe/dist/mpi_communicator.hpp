@@ -11,6 +11,14 @@
 //
 // Rows travel as a contiguous datatype of `width` elements, so the int counts of MPI-3.1 count
 // rows, not elements.
+// smoe uses the C API only; the C++ bindings (deprecated in MPI-2.2, removed in MPI-3) warn
+// under -Wextra, so they are skipped unless the program included <mpi.h> with them before.
+#ifndef OMPI_SKIP_MPICXX
+#define OMPI_SKIP_MPICXX 1
+#endif
+#ifndef MPICH_SKIP_MPICXX
+#define MPICH_SKIP_MPICXX 1
+#endif
 #include <mpi.h>
 
 #include <cstdint>
@@ -23,6 +31,7 @@
 
 #include "smoe/core/config.hpp"
 #include "smoe/core/error.hpp"
+#include "smoe/dist/communicator.hpp"
 
 namespace smoe {
 
@@ -159,5 +168,7 @@ class MpiCommunicator {
   int rank_ = 0;
   int size_ = 1;
 };
+
+static_assert(Communicator<MpiCommunicator>);
 
 }  // namespace smoe
