@@ -14,11 +14,18 @@
 #include <catch2/catch.hpp>
 #endif
 
+#include <smoe/dist/data_parallel.hpp>
 #include <smoe/dist/mpi_communicator.hpp>
+#ifndef SMOE_TEST_NO_JSON
+#include <smoe/dist/sharded_checkpoint.hpp>
+#endif
 #include <smoe/layers/expert_parallel.hpp>
 #include <smoe/smoe.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -301,6 +308,101 @@ TEST_CASE("MpiCommunicator: counts and rows reach the right ranks", "[mpi][comm]
   CHECK(world->all_agree(true));
   CHECK(!world->all_agree(rank != P - 1));
 }
+
+TEST_CASE("allreduce_gradients: replicated averaged, expert shards and the router left as they are", "[mpi][dp]") {
+  const int P = world->size(), rank = world->rank();
+  using Experts = FeedForwardExperts<double, Gelu>;
+  SECTION("a replicated model") {
+    Experts model({d, 2, G, false});
+    double v = rank + 1;
+    model.for_each_parameter([&](std::string_view, auto& p) {
+      for (index_t i = 0; i < p.grad.size(); ++i) p.grad[i] = v * double(i + 1);
+    });
+    allreduce_gradients(model, *world);
+    const double mean = (P + 1) / 2.0;  // mean of 1..P
+    model.for_each_parameter([&](std::string_view, auto& p) {
+      for (index_t i = 0; i < p.grad.size(); ++i) CHECK(p.grad[i] == Approx(mean * double(i + 1)).epsilon(1e-15));
+    });
+  }
+  SECTION("an expert-parallel layer") {
+    ExpertParallel layer(*world, softmax_router<double>(2), Experts({d, E / P, G, false}));
+    std::vector<double> before;
+    layer.for_each_parameter([&](std::string_view, auto& p) {
+      for (index_t i = 0; i < p.grad.size(); ++i) before.push_back(p.grad[i] = rank * 10.0 + double(i));
+    });
+    CHECK(decltype(layer)::sharding("experts.w1") == GradientSharding::sharded);
+    CHECK(decltype(layer)::sharding("router.weight") == GradientSharding::reduced);
+    allreduce_gradients(layer, *world);
+    std::vector<double> after;
+    layer.for_each_parameter(
+        [&](std::string_view, auto& p) { after.insert(after.end(), p.grad.data(), p.grad.data() + p.grad.size()); });
+    CHECK(after == before);
+  }
+}
+
+#ifndef SMOE_TEST_NO_JSON
+TEST_CASE("sharded checkpoint: written with P ranks, loaded with P, 2 and 1", "[mpi][checkpoint]") {
+  using Experts = FeedForwardExperts<double, Gelu>;
+  const int P = world->size(), rank = world->rank();
+  // The full layer's weights, the same on every rank; each writer holds its slice.
+  auto router = softmax_router<double>(2);
+  router.for_each_parameter([](std::string_view, auto& p) { test::randomize(p.value, 5, 1.0); });
+  Experts full({d, E, G, true});
+  std::uint64_t seed = 50;
+  full.for_each_parameter([&](std::string_view, auto& p) { test::randomize(p.value, seed++, 1.0); });
+  const auto slice_of = [&](int r, int ranks) {
+    Experts local({d, E / ranks, G, true});
+    std::vector<Tensor<double>*> src;
+    full.for_each_parameter([&](std::string_view, auto& p) { src.push_back(&p.value); });
+    std::size_t i = 0;
+    local.for_each_parameter([&](std::string_view, auto& p) {
+      const index_t n = p.value.size();
+      std::copy(src[i]->data() + r * n, src[i]->data() + (r + 1) * n, p.value.data());
+      ++i;
+    });
+    return local;
+  };
+  // One directory for all ranks: rank 0's pid, shared by a sum.
+  std::vector<double> pid{rank == 0 ? double(::getpid()) : 0.0};
+  world->all_reduce_sum(std::span<double>(pid));
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("smoe_ep_checkpoint_" + std::to_string(std::int64_t(pid[0])) + "_" + std::to_string(P));
+  {
+    ExpertParallel writer(*world, router, slice_of(rank, P));
+    io::save_sharded_checkpoint(dir, writer, *world);
+  }
+  MPI_Barrier(world->comm());  // every shard is on disk before anyone reads (the test's own sync)
+  for (int readers : {P, 2, 1}) {
+    if (readers > P) continue;
+    MPI_Comm sub;
+    MPI_Comm_split(world->comm(), rank < readers ? 0 : MPI_UNDEFINED, rank, &sub);
+    if (sub == MPI_COMM_NULL) continue;
+    {
+      MpiCommunicator comm(sub);
+      auto blank = softmax_router<double>(2);
+      ExpertParallel reader(comm, blank, Experts({d, E / readers, G, true}));
+      io::load_sharded_checkpoint(dir, reader, comm);
+      ExpertParallel expected(comm, router, slice_of(rank, readers));
+      std::vector<double> got, want;
+      reader.for_each_parameter(
+          [&](std::string_view, auto& p) { got.insert(got.end(), p.value.data(), p.value.data() + p.value.size()); });
+      expected.for_each_parameter(
+          [&](std::string_view, auto& p) { want.insert(want.end(), p.value.data(), p.value.data() + p.value.size()); });
+      INFO("written with " << P << " ranks, read with " << readers << ", rank " << rank);
+      CHECK(got == want);
+      // A layer of another E: every reader throws, nobody hangs.
+      if (E % (readers * 2) == 0) {
+        ExpertParallel wrong(comm, SoftmaxTopK<double>({.d_model = d, .experts = E / 2, .k = 1}),
+                             Experts({d, E / 2 / readers, G, true}));
+        CHECK_THROWS_WITH(io::load_sharded_checkpoint(dir, wrong, comm), Catch::Matchers::Contains("experts"));
+      }
+    }
+    MPI_Comm_free(&sub);
+  }
+  MPI_Barrier(world->comm());
+  if (rank == 0) std::filesystem::remove_all(dir);
+}
+#endif
 
 int main(int argc, char** argv) {
   int provided = 0;

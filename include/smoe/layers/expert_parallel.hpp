@@ -42,6 +42,7 @@
 #include "smoe/core/parameter.hpp"
 #include "smoe/core/validate.hpp"
 #include "smoe/dist/communicator.hpp"
+#include "smoe/dist/data_parallel.hpp"
 #include "smoe/experts/experts.hpp"
 #include "smoe/layers/moe.hpp"
 #include "smoe/layers/moe_check.hpp"
@@ -91,13 +92,18 @@ class ExpertParallel {
   index_t received_rows() const { return local_dispatch_.assignments(); }
 
   // Parameters under their layer names: "router.*" replicated, "experts.*" this rank's shard
-  // (leading dimension E/P, global experts first_expert() + i). `sharded` tells which is which.
+  // (leading dimension E/P, global experts first_expert() + i). `sharded` tells which is which;
+  // `sharding` says how allreduce_gradients (dist/data_parallel.hpp) treats them: the shard stays
+  // on its owner, the router's gradient was already summed over ranks in backward.
   template <class F>
   void for_each_parameter(F&& f) {
     if constexpr (HasParameters<R>) router_.for_each_parameter(with_prefix("router.", f));
     experts_.for_each_parameter(with_prefix("experts.", f));
   }
   static bool sharded(std::string_view parameter_name) { return parameter_name.starts_with("experts."); }
+  static GradientSharding sharding(std::string_view parameter_name) {
+    return sharded(parameter_name) ? GradientSharding::sharded : GradientSharding::reduced;
+  }
 
   MoEOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, Mode mode = Mode::eval) {
     const index_t tokens = x.rows, d = d_model(), E = n_experts(), K = k();
