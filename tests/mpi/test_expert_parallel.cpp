@@ -265,6 +265,15 @@ TEST_CASE("expert parallel: a mismatch throws on every rank without hanging", "[
     auto make = [&] { ExpertParallel layer(*world, softmax_router<double>(2), Experts({d, E / P + 1, G, false})); };
     CHECK_THROWS_WITH(make(), Catch::Matchers::Contains("local experts (= E / P) must be"));
   }
+  SECTION("a router that throws on rank 0 only (hash router without token ids)") {
+    ExpertParallel layer(*world, HashRouter<double>({.d_model = d, .experts = E, .seed = 1}),
+                         Experts({d, E / P, G, false}));
+    if (rank != 0) set_ids(layer.router(), 0, 3);
+    Tensor<double> x({3, d}), y({3, d});
+    x.zero();
+    CHECK_THROWS_WITH(layer.forward(x.matrix(), y.matrix()),
+                      Catch::Matchers::Contains(rank == 0 ? "set_token_ids" : "another rank"));
+  }
   SECTION("bad input on rank 0: every rank throws, rank 0 with the reason") {
     ExpertParallel layer(*world, softmax_router<double>(2), Experts({d, E / P, G, false}));
     const index_t cols = rank == 0 ? d + 1 : d;

@@ -107,17 +107,20 @@ class ExpertParallel {
 
   MoEOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, Mode mode = Mode::eval) {
     const index_t tokens = x.rows, d = d_model(), E = n_experts(), K = k();
+    // Input checks and the local routing run before the first exchange, under one agreement: a
+    // rank whose input or router throws (a hash router without ids, say) takes every rank with it.
+    has_forward_ = false;
     agree_on_input([&] {
       expect_shape(name, "x", x, tokens, d);
       expect_shape(name, "y", y, tokens, d);
       if (validate_inputs) check_finite(name, "x", x);
+      router_.forward(x, routing_, mode);
+      expect_shape(name, "router output experts", ConstMatrixView<std::int32_t>(routing_.experts.matrix()), tokens, K);
+      expect_shape(name, "router output gates", ConstMatrixView<T>(routing_.gates.matrix()), tokens, K);
+      build_dispatch(std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
     });
     x_ = x;
     has_forward_ = true;
-    router_.forward(x_, routing_, mode);
-    expect_shape(name, "router output experts", ConstMatrixView<std::int32_t>(routing_.experts.matrix()), tokens, K);
-    expect_shape(name, "router output gates", ConstMatrixView<T>(routing_.gates.matrix()), tokens, K);
-    build_dispatch(std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
     plan_exchange();
 
     // Token rows to the owners, in slot order (= owner order), then the owners' experts.
@@ -150,14 +153,14 @@ class ExpertParallel {
       expect_shape(name, "dy", dy, tokens, d);
       expect_shape(name, "dx", dx, tokens, d);
       if (validate_inputs) check_finite(name, "dy", dy);
+      d_gates_.resize({tokens, K});
+      d_logits_.resize({tokens, routing_.logits.rank() == 2 ? routing_.logits.dim(1) : 0});
+      d_logits_.zero();
+      dys_.resize({dispatch_.assignments(), d});
+      combiner_.backward(dispatch_, std::as_const(ys_).matrix(), dy, dys_.matrix(), d_gates_.matrix());
+      std::apply([&](auto&... loss) { (loss.backward(routing_, E, d_logits_.matrix(), d_gates_.matrix()), ...); },
+                 losses_);
     });
-    d_gates_.resize({tokens, K});
-    d_logits_.resize({tokens, routing_.logits.rank() == 2 ? routing_.logits.dim(1) : 0});
-    d_logits_.zero();
-    dys_.resize({dispatch_.assignments(), d});
-    combiner_.backward(dispatch_, std::as_const(ys_).matrix(), dy, dys_.matrix(), d_gates_.matrix());
-    std::apply([&](auto&... loss) { (loss.backward(routing_, E, d_logits_.matrix(), d_gates_.matrix()), ...); },
-               losses_);
 
     exchange_to_owners(dys_, dysr_);
     dxr_.resize({xr_.dim(0), d});
