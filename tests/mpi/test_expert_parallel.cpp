@@ -252,6 +252,13 @@ TEST_CASE("expert parallel: a mismatch throws on every rank without hanging", "[
     };
     CHECK_THROWS_WITH(make(), Catch::Matchers::Contains("local experts"));
   }
+  SECTION("expert hidden size differs on rank 1") {
+    if (P == 1) return;
+    auto make = [&] {
+      ExpertParallel layer(*world, softmax_router<double>(2), Experts({d, E / P, rank == 1 ? G + 1 : G, false}));
+    };
+    CHECK_THROWS_WITH(make(), Catch::Matchers::Contains("expert hidden size"));
+  }
   SECTION("E not a multiple of P") {
     if (P == 1) return;
     const index_t odd = 2 * P + 1;

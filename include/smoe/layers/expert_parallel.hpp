@@ -23,7 +23,8 @@
 // too; receive counts come only from the exchanged counts. A rank whose input is rejected tells
 // the others first (one all_agree), so all ranks throw instead of some waiting. At construction
 // one all-reduce compares the configuration of every rank (E, k, d, scalar type, router and expert
-// types, local experts, losses) and every rank throws smoe::error naming a mismatch.
+// types, local experts, expert d and hidden size, losses) and every rank throws smoe::error
+// naming a mismatch.
 // Not here yet: expert capacity (would be per expert over the global batch), routers that are not
 // token-choice (expert choice, BASE, S-BASE: their assignment needs the global batch), fused
 // forward_weighted experts (the owner cannot apply a gate it does not have).
@@ -192,7 +193,7 @@ class ExpertParallel {
     std::string message;
     try {
       checks();
-    } catch (const error& e) {
+    } catch (const std::exception& e) {  // any failure here must reach the other ranks
       message = e.what();
     }
     if (!comm_->all_agree(message.empty()))
@@ -201,18 +202,22 @@ class ExpertParallel {
   }
 
   // The configuration of every rank must agree. One all-reduce of [v, v²] per field: all ranks
-  // hold the same v exactly when P·Σv² = (Σv)², so every rank reaches the same verdict.
+  // hold the same v exactly when P·Σv² = (Σv)², so every rank reaches the same verdict. The sums
+  // are exact in double while P·v² < 2^53: types are compared by a 16-bit hash of their name
+  // (a real mismatch escapes with probability 2^-16), sizes below 2^20 for up to 8192 ranks.
   void check_configuration() {
     const auto type_tag = [](const std::type_info& t) {
-      std::uint32_t h = 2166136261u;  // FNV-1a of the type's name, cut to 24 bits (exact in a double)
+      std::uint32_t h = 2166136261u;  // FNV-1a of the type's name
       for (const char* c = t.name(); *c; ++c) h = (h ^ std::uint8_t(*c)) * 16777619u;
-      return double(h & 0xFFFFFFu);
+      return double((h ^ (h >> 16)) & 0xFFFFu);
     };
-    const char* fields[] = {"experts E", "k", "d_model", "scalar type size", "router type", "expert type",
-                            "local experts", "losses"};
+    index_t hidden = 0;
+    if constexpr (requires { experts_.hidden(); }) hidden = experts_.hidden();
+    const char* fields[] = {"experts E",   "k",           "d_model",       "scalar type size", "router type",
+                            "expert type", "local experts", "expert d_model", "expert hidden size", "losses"};
     const double values[] = {double(router_.experts()), double(router_.k()), double(router_.d_model()),
                              double(sizeof(T)), type_tag(typeid(R)), type_tag(typeid(X)), double(experts_.experts()),
-                             type_tag(typeid(std::tuple<Losses...>))};
+                             double(experts_.d_model()), double(hidden), type_tag(typeid(std::tuple<Losses...>))};
     constexpr std::size_t n = std::size(values);
     std::vector<double> sums(2 * n);
     for (std::size_t i = 0; i < n; ++i) {
