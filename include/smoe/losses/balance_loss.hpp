@@ -64,7 +64,21 @@ constexpr bool check_balance_loss() {
   return BalanceLoss<L>;
 }
 
+// Which batch a batch-statistic loss (Switch, importance, entropy) reads. `local`: the tokens of
+// this process. `global`: the whole batch of an expert-parallel group; the loss's per-expert sums
+// (and token count) are summed over ranks by the `reduce` callable the layer passes to
+// forward(routing, experts, reduce), so every rank computes the loss of the global batch, and its
+// backward gives the gradient of that one loss with respect to this rank's logits and gates.
+// In one process both scopes are the same loss.
+enum class LossScope { local, global };
+
 namespace detail {
+// The reduction of one process: nothing to add.
+struct NoReduce {
+  template <class Span>
+  void operator()(Span) const {}
+};
+
 // log Σ exp(s[0..n)), stable for large |s|.
 template <class T>
 T logsumexp(const T* s, index_t n) {

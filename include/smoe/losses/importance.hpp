@@ -3,6 +3,7 @@
 // I_e = Σ over assignments to expert e of the final gate, and the population variance over the E
 // experts. Its gradient flows into the gates (and through the router's gate policy to the logits).
 // L = 0 when no gate mass is routed (mean 0).
+#include <span>
 #include <vector>
 
 #include "smoe/losses/balance_loss.hpp"
@@ -19,11 +20,18 @@ struct ImportanceLoss {
 
   explicit ImportanceLoss(double coefficient = 0.1) : coef(coefficient) {}
 
-  T forward(const Routing<T>& r, index_t E) {
+  LossScope scope = LossScope::local;
+
+  T forward(const Routing<T>& r, index_t E) { return forward(r, E, detail::NoReduce{}); }
+
+  // reduce(std::span<T>) sums a buffer over the ranks of the global batch (scope = global).
+  template <class Reduce>
+  T forward(const Routing<T>& r, index_t E, Reduce&& reduce) {
     importance_.assign(static_cast<std::size_t>(E), T(0));
     const index_t n = r.tokens() * r.k();
     for (index_t i = 0; i < n; ++i)
       if (const auto e = r.experts[i]; e >= 0 && e < E) importance_[e] += r.gates[i];
+    if (scope == LossScope::global) reduce(std::span<T>(importance_));
     mean_ = 0;
     for (T v : importance_) mean_ += v / T(E);
     var_ = 0;

@@ -1,0 +1,54 @@
+#pragma once
+// Data-parallel gradient reduction next to expert parallelism.
+//
+// allreduce_gradients(model, comm) visits the model's parameters by name (for_each_parameter) and
+// sums every replicated parameter's gradient over the ranks, then divides it by P (the average);
+// parameters the model marks as not replicated are left exactly as they are:
+//   GradientSharding::sharded  an expert shard (ExpertParallel's "experts.*"): its owner already
+//                              holds the full gradient, from every rank's tokens
+//   GradientSharding::reduced  reduced inside the layer's backward (ExpertParallel's router, whose
+//                              gradient is summed over ranks there)
+// A model marks its parameters with `GradientSharding sharding(std::string_view name) const`
+// (ExpertParallel has it; a composite forwards it with its name prefixes); a model without it has
+// only replicated parameters. All replicated gradients travel in one buffer, one all-reduce.
+//
+// Scale: ExpertParallel's gradients are those of the sum over ranks of each rank's objective.
+// If each rank's loss is its local mean, the global mean is (1/P)·Σ_ranks and the expert and router
+// gradients are P times those of the global mean; use Reduction::sum and normalize each rank's
+// loss by the global token count instead, so every gradient is that of one global objective.
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "smoe/core/parameter.hpp"
+#include "smoe/dist/communicator.hpp"
+
+namespace smoe {
+
+enum class GradientSharding { replicated, sharded, reduced };
+enum class Reduction { average, sum };
+
+template <class M>
+GradientSharding gradient_sharding(const M& model, std::string_view name) {
+  if constexpr (requires { model.sharding(name); }) return model.sharding(name);
+  else return GradientSharding::replicated;
+}
+
+template <HasParameters M, Communicator Comm>
+void allreduce_gradients(M& model, Comm& comm, Reduction reduction = Reduction::average) {
+  using T = typename M::scalar_type;
+  std::vector<T> buffer;
+  model.for_each_parameter([&](std::string_view name, auto& p) {
+    if (gradient_sharding(model, name) == GradientSharding::replicated)
+      buffer.insert(buffer.end(), p.grad.data(), p.grad.data() + p.grad.size());
+  });
+  comm.all_reduce_sum(std::span<T>(buffer));  // every rank calls it, also with nothing replicated
+  const T scale = reduction == Reduction::average ? T(1) / T(comm.size()) : T(1);
+  std::size_t at = 0;
+  model.for_each_parameter([&](std::string_view name, auto& p) {
+    if (gradient_sharding(model, name) != GradientSharding::replicated) return;
+    for (index_t i = 0; i < p.grad.size(); ++i) p.grad[i] = buffer[at++] * scale;
+  });
+}
+
+}  // namespace smoe
