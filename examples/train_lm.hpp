@@ -13,6 +13,10 @@
 // --minutes budget stops on the clock). A checkpoint holds the parameters, buffers, AdamW state,
 // the step, the data position, the routers' step counters and the run's configuration, so
 // --resume continues the same trajectory bit for bit. docs/training.md describes every flag.
+//
+// This header is the trainer, for either backend: train_lm.cpp (the command line) runs it on the
+// CPU, train_lm_cuda.cpp instantiates it over the CUDA backend for --device cuda.
+#pragma once
 #include <smoe/io/checkpoint.hpp>
 #include <smoe/io/safetensors.hpp>
 #include <smoe/smoe.hpp>
