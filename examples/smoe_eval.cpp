@@ -6,7 +6,8 @@
 //
 // SPEC  {"d_model", "n_experts", "expert_size", "k", "router", "activation": "relu" | "gelu" | "swiglu",
 //        "bias": false, "coef": {"switch": 0, "z": 0, "entropy": 0, "importance": 0},
-//        "dtype": "float32" | "float64", "mode": "eval" | "train", "capacity_factor": 0, ...}
+//        "dtype": "float32" | "float64", "mode": "eval" | "train", "capacity_factor": 0,
+//        "expert_parallel": false (true: run under mpirun, experts sharded over the ranks), ...}
 //       router: softmax_topk ("renormalize"), sigmoid_topk, noisy_topk ("seed", "load_coef"),
 //       sbase ("sinkhorn_iters"), base (k = 1), expert_choice (no "k"; "capacity_factor" is its own),
 //       hash (k = 1, "seed"), group_topk ("n_groups", "topk_groups", "route_scale"),
@@ -100,8 +101,9 @@ Spec parse_spec(const json& j) {
                                 "renormalize",    "activation",      "bias",        "coef",        "dtype",
                                 "mode",           "capacity_factor", "n_groups",    "topk_groups", "route_scale",
                                 "sinkhorn_iters", "pkm_heads",       "pkm_keys",    "seed",        "load_coef",
-                                "backend"});
+                                "backend",        "expert_parallel"});
   Spec s;
+  s.expert_parallel = optional_bool(j, "expert_parallel");
   s.backend = choice<BackendKind>(j, "backend", backend_names, "cpu");
   s.router = choice<RouterKind>(j, "router", router_names);
   const RouterKind r = s.router;
@@ -282,6 +284,10 @@ void run(const std::string& spec_path, const std::string& in_path, const std::st
   const Spec spec = parse_spec(j);
   const auto in = smoe::io::SafetensorsFile::load(in_path);
   expect_spec_backed(spec, in);
+  if (spec.expert_parallel) {
+    evaluate_expert_parallel(spec, in, out_path);  // under mpirun: smoe_eval_expert_parallel.cpp
+    return;
+  }
   if (spec.backend == BackendKind::cuda) {
     evaluate_on_device(spec, in).save(out_path);
     return;

@@ -59,6 +59,7 @@ struct Spec {
   index_t pkm_heads = 4, pkm_keys = 0;
   std::uint64_t seed = 0;
   double load_coef = 0;
+  bool expert_parallel = false;  // the layer's experts sharded over the MPI ranks
 };
 
 // Runtime SPEC choices to template arguments: each helper calls `f` with the chosen type or object.
@@ -182,5 +183,10 @@ void with_layer(const Spec& s, F&& f) {
 // the CPU run (examples/smoe_eval_cuda.cpp; examples/smoe_eval_no_cuda.cpp where smoe_eval is built
 // without a CUDA backend, refusing "backend": "cuda").
 smoe::io::SafetensorsWriter evaluate_on_device(const Spec& spec, const smoe::io::SafetensorsFile& in);
+
+// "expert_parallel": true: the layer of `spec` run expert-parallel over MPI_COMM_WORLD, each rank on
+// its token block; rank 0 writes OUT (examples/smoe_eval_expert_parallel.cpp; without MPI,
+// examples/smoe_eval_expert_parallel_no_mpi.cpp refuses the flag).
+void evaluate_expert_parallel(const Spec& spec, const smoe::io::SafetensorsFile& in, const std::string& out_path);
 
 }  // namespace smoe_eval
