@@ -376,7 +376,21 @@ def check_bad_inputs(tool, root, failures):
                  "layer must be in [0, num_hidden_layers = 3), got 3")
     expect_error(tool, failures, "dense layer", d, x_path, out, ["--layer", "0"], "is a dense MLP")
     expect_error(tool, failures, "bad --layer", d, x_path, out, ["--layer", "1x"], "--layer must be a non-negative integer")
-    expect_error(tool, failures, "no --layer (whole model)", d, x_path, out, [], "whole decoder models")
+    expect_error(tool, failures, "whole deepseek_v3 model", d, x_path, out, [], "whole deepseek_v3 models are not supported")
+    d_oss, _ = fresh("whole_gpt_oss", "gpt_oss")
+    expect_error(tool, failures, "whole gpt_oss model", d_oss, x_path, out, [], "whole gpt_oss models are not supported")
+    # Whole-model inputs: checked before the checkpoint is read (this olmoe directory has no attention tensors).
+    d_lm, cfg_lm = fresh("whole_olmoe", "olmoe")
+    vocab = cfg_lm.get("vocab_size", 50304)
+    ids_path = os.path.join(root, "ids_bad.safetensors")
+    safetensors_lite.save(ids_path, {"input_ids": np.array([[0, 1], [2, vocab]], np.int64)})
+    expect_error(tool, failures, "token id >= vocab", d_lm, ids_path, out, [],
+                 f"input_ids must be in [0, vocab_size = {vocab}), got {vocab} at [1, 1]")
+    safetensors_lite.save(ids_path, {"input_ids": np.array([[0, 1]], np.int32)})
+    expect_error(tool, failures, "input_ids of dtype I32", d_lm, ids_path, out, [], "input_ids must be I64, got I32")
+    safetensors_lite.save(ids_path, {"input_ids": np.array([0, 1], np.int64)})
+    expect_error(tool, failures, "input_ids of rank 1", d_lm, ids_path, out, [], "input_ids must have rank 2 [B, S], got rank 1")
+    expect_error(tool, failures, "no input_ids", d_lm, x_path, out, [], "input_ids")
     x_bad = os.path.join(root, "x15.safetensors")
     safetensors_lite.save(x_bad, {"x": np.zeros((3, 15), np.float32)})
     expect_error(tool, failures, "x of the wrong width", d, x_bad, out, ["--layer", "1"],

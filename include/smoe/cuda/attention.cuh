@@ -229,6 +229,9 @@ class CausalSelfAttention<T, cuda> : public detail::AttentionShape {
       : AttentionShape(c),
         qkv_weight_({config_.d_model, qkv_width()}),
         out_weight_({config_.heads * config_.head_dim, config_.d_model}) {
+    if (config_.has_qkv_prologue())
+      fail(name, ": qkv_bias, qk_norm and clip_qkv are CPU-only options (Hugging Face attention), got qkv_bias = ",
+           config_.qkv_bias, ", qk_norm on = ", config_.qk_norm != QKNorm::none, ", clip_qkv = ", config_.clip_qkv);
     set_stream(stream);
   }
 

@@ -62,6 +62,12 @@ struct Config {
   bool tie_word_embeddings = false;
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
+  // Attention details of the whole decoder models (hf/model.hpp):
+  bool qkv_bias = false;        // q/k/v projection biases (qwen2_moe: 'qkv_bias', true when absent)
+  bool attention_bias = false;  // q/k/v/o biases (qwen3_moe, olmoe 'attention_bias'; refused by load_causal_lm)
+  double clip_qkv = 0;          // olmoe 'clip_qkv' (0: null, no clamp)
+  index_t sliding_window = 0;   // mixtral 'sliding_window'; qwen 'sliding_window' if 'use_sliding_window' (0: none)
+  bool rope_scaling = false;    // a non-null 'rope_scaling' (refused by load_causal_lm)
 
   // Whether decoder layer `layer` has a sparse MoE block (a dense MLP otherwise).
   bool is_sparse(index_t layer) const {
@@ -213,6 +219,16 @@ inline Config parse_config(const nlohmann::json& j, const std::string& source) {
     fail(source, ": unsupported model_type '", io::clip_text(t), "' (supported: ", supported_model_types_list(), ")");
   }
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+  if (t == "qwen2_moe") c.qkv_bias = r.boolean("qkv_bias", true);
+  if (t == "qwen3_moe" || t == "olmoe") c.attention_bias = r.boolean("attention_bias", false);
+  if (t == "olmoe") {
+    c.clip_qkv = r.number("clip_qkv", 0.0);
+    if (r.has("clip_qkv") && !(c.clip_qkv > 0)) fail(source, ": 'clip_qkv' must be > 0 or null, got ", c.clip_qkv);
+  }
+  if (t == "mixtral") c.sliding_window = r.integer("sliding_window", 0);
+  if ((t == "qwen2_moe" || t == "qwen3_moe") && r.boolean("use_sliding_window", false))
+    c.sliding_window = r.integer("sliding_window", 4096);
+  c.rope_scaling = r.has("rope_scaling");
   c.head_dim = r.integer("head_dim", t == "gpt_oss" ? 64 : c.hidden / c.heads);
 
   if (c.experts > 0 && (c.k < 1 || c.k > c.experts))

@@ -8,7 +8,16 @@
 //   o_h = softmax(q_h k_gᵀ / √d_head + causal mask) v_g,   g = h / (H / H_kv)
 //   y = o · W_out                   "out.weight" [H·d_head, d], o = [o_0 … o_{H−1}]
 // (Vaswani et al. 2017; RoPE: Su et al. 2021; grouped-query: Ainslie et al. 2023, consecutive
-// query heads share a kv head as in LLaMA's repeat_kv; no biases.)
+// query heads share a kv head as in LLaMA's repeat_kv; no biases by default.)
+//
+// Options for the Hugging Face families (hf/model.hpp), applied between the projection and RoPE in
+// this order, each off by default (CPU only; the CUDA twin refuses them):
+//   qkv += b_qkv                    qkv_bias: "qkv.bias" [(H + 2·H_kv)·d_head] (Qwen2-MoE)
+//   q, k ← RMSNorm(q), RMSNorm(k)   qk_norm: "q_norm.weight", "k_norm.weight", r = 1/sqrt(mean x² + eps)
+//                                     per_head: over each head's d_head values, weights [d_head] (Qwen3-MoE)
+//                                     whole: over all of q [H·d_head] and all of k [H_kv·d_head] (OLMoE)
+//   q, k, v ← clamp(·, −c, c)       clip_qkv = c > 0 (OLMoE); the gradient passes where −c <= value <= c
+// The norms' backward is RMSNorm's (rms_norm.hpp) per segment; their statistics accumulate in double.
 //
 // Input: B independent sequences of length L as rows x [B·L, d], sequence-major. Each sequence
 // is causal on its own, and its positions are position_offset + 0 … L − 1 (RoPE only; the keys are
@@ -40,6 +49,13 @@
 
 namespace smoe {
 
+// RMSNorm of the projected queries and keys (before RoPE).
+enum class QKNorm {
+  none,
+  per_head,  // over each head's d_head values (Qwen3-MoE)
+  whole,     // over all query heads together, and all key heads together (OLMoE)
+};
+
 struct AttentionConfig {
   index_t d_model = 0;
   index_t heads = 1;       // H, query heads
@@ -48,6 +64,13 @@ struct AttentionConfig {
   bool rope = true;
   double rope_base = 10000;
   index_t block = 64;      // rows per query block and per key block
+  bool qkv_bias = false;          // "qkv.bias" added to the projection
+  QKNorm qk_norm = QKNorm::none;  // "q_norm.weight", "k_norm.weight"
+  double qk_norm_eps = 1e-6;
+  double clip_qkv = 0;            // > 0: q, k, v clamped to [−clip_qkv, clip_qkv]; 0: off
+
+  // Whether any step between the projection and RoPE is on (the CUDA twin has none of them).
+  bool has_qkv_prologue() const { return qkv_bias || qk_norm != QKNorm::none || clip_qkv > 0; }
 
   void validate(const char* context) const {
     if (d_model < 1) fail(context, ": d_model must be >= 1, got ", d_model);
@@ -63,6 +86,10 @@ struct AttentionConfig {
     if (rope && (!(rope_base > 0) || !std::isfinite(rope_base)))
       fail(context, ": rope_base must be finite and > 0, got ", rope_base);
     if (block < 1) fail(context, ": block must be >= 1, got ", block);
+    if (qk_norm != QKNorm::none && (!(qk_norm_eps > 0) || !std::isfinite(qk_norm_eps)))
+      fail(context, ": qk_norm_eps must be finite and > 0, got ", qk_norm_eps);
+    if (!(clip_qkv >= 0) || !std::isfinite(clip_qkv))
+      fail(context, ": clip_qkv must be finite and >= 0 (0: off), got ", clip_qkv);
   }
 };
 
@@ -83,7 +110,17 @@ class AttentionShape {
   index_t qkv_width() const { return (config_.heads + 2 * config_.kv_heads) * config_.head_dim; }
 
   // Accounting. Every weight takes part in every token.
-  index_t total_parameters() const { return d_model() * qkv_width() + heads() * head_dim() * d_model(); }
+  index_t total_parameters() const {
+    return d_model() * qkv_width() + heads() * head_dim() * d_model() + (config_.qkv_bias ? qkv_width() : 0) +
+           q_norm_width() + k_norm_width();
+  }
+  // Lengths of the q_norm and k_norm weights (0 without qk_norm).
+  index_t q_norm_width() const {
+    return config_.qk_norm == QKNorm::none ? 0 : config_.qk_norm == QKNorm::per_head ? head_dim() : heads() * head_dim();
+  }
+  index_t k_norm_width() const {
+    return config_.qk_norm == QKNorm::none ? 0 : config_.qk_norm == QKNorm::per_head ? head_dim() : kv_heads() * head_dim();
+  }
   double active_parameters_per_token() const { return double(total_parameters()); }
   // The projections only: 2·(d·(H + 2·H_kv)·d_head + H·d_head·d). Context-dependent work is in
   // flops_per_token(context).
@@ -134,10 +171,22 @@ class CausalSelfAttention : public detail::AttentionShape {
   explicit CausalSelfAttention(AttentionConfig c)
       : AttentionShape(c),
         qkv_weight_({config_.d_model, qkv_width()}),
-        out_weight_({config_.heads * config_.head_dim, config_.d_model}) {}
+        out_weight_({config_.heads * config_.head_dim, config_.d_model}) {
+    if (config_.qkv_bias) qkv_bias_ = Parameter<T>({qkv_width()});
+    if (config_.qk_norm != QKNorm::none) {
+      q_norm_ = Parameter<T>({q_norm_width()});
+      k_norm_ = Parameter<T>({k_norm_width()});
+      q_norm_.value.fill(T(1));
+      k_norm_.value.fill(T(1));
+    }
+  }
 
   Parameter<T>& qkv_weight() { return qkv_weight_; }
   Parameter<T>& out_weight() { return out_weight_; }
+  // Present only with the matching option (an empty Parameter otherwise).
+  Parameter<T>& qkv_bias() { return qkv_bias_; }
+  Parameter<T>& q_norm_weight() { return q_norm_; }
+  Parameter<T>& k_norm_weight() { return k_norm_; }
   // Per-row log-sum-exp of the scaled scores of the last forward, [B·L, H].
   const Tensor<T>& log_sum_exp() const { return lse_; }
 
@@ -145,6 +194,11 @@ class CausalSelfAttention : public detail::AttentionShape {
   void for_each_parameter(F&& f) {
     f(std::string_view("qkv.weight"), qkv_weight_);
     f(std::string_view("out.weight"), out_weight_);
+    if (config_.qkv_bias) f(std::string_view("qkv.bias"), qkv_bias_);
+    if (config_.qk_norm != QKNorm::none) {
+      f(std::string_view("q_norm.weight"), q_norm_);
+      f(std::string_view("k_norm.weight"), k_norm_);
+    }
   }
 
   // x, y [B·L, d] with B = sequences (>= 1); positions restart at position_offset per sequence.
@@ -165,6 +219,7 @@ class CausalSelfAttention : public detail::AttentionShape {
       for (index_t t = first; t < last; ++t) std::copy_n(x.row(t), d, x_.data() + t * d);
     });
     detail::blocked_gemm_nn<T>(x_.matrix(), qkv_weight_.value.matrix(), qkv_.matrix());
+    if (config_.has_qkv_prologue()) qkv_prologue_forward();
     if (config_.rope) {
       rope_.build(dh, config_.rope_base, position_offset, length_);
       parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
@@ -212,6 +267,7 @@ class CausalSelfAttention : public detail::AttentionShape {
         }
       });
     }
+    if (config_.has_qkv_prologue()) qkv_prologue_backward();
     detail::blocked_gemm_tn_add<T>(x_.matrix(), dqkv_.matrix(), qkv_weight_.grad.matrix());
     detail::blocked_gemm_nt<T>(dqkv_.matrix(), qkv_weight_.value.matrix(), dx, weight_t_);
   }
@@ -224,6 +280,120 @@ class CausalSelfAttention : public detail::AttentionShape {
   };
 
   index_t blocks() const { return (length_ + config_.block - 1) / config_.block; }
+
+  // The norm segments of one qkv row: `count` segments of `width` values from column `first`.
+  struct NormSegments {
+    index_t first, count, width;
+  };
+  NormSegments q_segments() const {
+    const index_t n = q_norm_width();
+    return {0, heads() * head_dim() / n, n};
+  }
+  NormSegments k_segments() const {
+    const index_t n = k_norm_width();
+    return {heads() * head_dim(), kv_heads() * head_dim() / n, n};
+  }
+  index_t norm_segments() const { return q_segments().count + k_segments().count; }
+
+  // qkv_ ← clamp(norm(qkv_ + b)), keeping what the backward needs: the normed inputs (pre_), their
+  // 1/rms (rstd_) and the clamp's inputs (clip_in_).
+  void qkv_prologue_forward() {
+    using namespace cpu_kernels;
+    const index_t N = qkv_.dim(0), W = qkv_width();
+    const bool norm = config_.qk_norm != QKNorm::none, clip = config_.clip_qkv > 0;
+    if (norm) {
+      pre_.resize({N, W});
+      rstd_.resize({N, norm_segments()});
+    }
+    if (clip) clip_in_.resize({N, W});
+    const T c = T(config_.clip_qkv);
+    const NormSegments segs_of[2] = {norm ? q_segments() : NormSegments{}, norm ? k_segments() : NormSegments{}};
+    const T* ws[2] = {q_norm_.value.data(), k_norm_.value.data()};
+    parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t) {
+        T* row = qkv_.data() + t * W;
+        if (config_.qkv_bias)
+          for (index_t j = 0; j < W; ++j) row[j] += qkv_bias_.value[j];
+        if (norm) {
+          std::copy_n(row, W, pre_.data() + t * W);
+          index_t r = 0;
+          for (int which = 0; which < 2; ++which) {
+            const NormSegments segs = segs_of[which];
+            const T* w = ws[which];
+            for (index_t s = 0; s < segs.count; ++s, ++r) {
+              T* v = row + segs.first + s * segs.width;
+              double ss = 0;
+              for (index_t j = 0; j < segs.width; ++j) ss += double(v[j]) * double(v[j]);
+              const T rs = T(1.0 / std::sqrt(ss / double(segs.width) + config_.qk_norm_eps));
+              rstd_[t * norm_segments() + r] = rs;
+              for (index_t j = 0; j < segs.width; ++j) v[j] = v[j] * rs * w[j];
+            }
+          }
+        }
+        if (clip) {
+          std::copy_n(row, W, clip_in_.data() + t * W);
+          for (index_t j = 0; j < W; ++j) row[j] = std::clamp(row[j], -c, c);
+        }
+      }
+    });
+  }
+
+  // dqkv_ (the gradient of the prologue's output) ← the gradient of the projection's output;
+  // accumulates the bias and norm weights' gradients, per fixed block of rows then in order.
+  void qkv_prologue_backward() {
+    using namespace cpu_kernels;
+    const index_t N = dqkv_.dim(0), W = qkv_width(), nq = q_norm_width(), nk = k_norm_width();
+    const bool norm = config_.qk_norm != QKNorm::none, clip = config_.clip_qkv > 0;
+    const index_t pw = nq + nk + (config_.qkv_bias ? W : 0);  // partial sums: dq_norm | dk_norm | dbias
+    const index_t nblocks = std::max<index_t>(1, N / row_block);
+    partial_.resize({nblocks, pw});
+    const T c = T(config_.clip_qkv);
+    const NormSegments segs_of[2] = {norm ? q_segments() : NormSegments{}, norm ? k_segments() : NormSegments{}};
+    const T* ws[2] = {q_norm_.value.data(), k_norm_.value.data()};
+    parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
+      T* part = partial_.data() + (first / row_block) * pw;
+      std::fill_n(part, pw, T(0));
+      for (index_t t = first; t < last; ++t) {
+        T* g = dqkv_.data() + t * W;
+        if (clip) {
+          const T* in = clip_in_.data() + t * W;
+          for (index_t j = 0; j < W; ++j)
+            if (in[j] < -c || in[j] > c) g[j] = T(0);
+        }
+        if (norm) {
+          index_t r = 0;
+          T* dw_parts[2] = {part, part + nq};
+          for (int which = 0; which < 2; ++which) {
+            const NormSegments segs = segs_of[which];
+            for (index_t s = 0; s < segs.count; ++s, ++r) {
+              const index_t off = segs.first + s * segs.width;
+              T* gs = g + off;
+              const T* xs = pre_.data() + t * W + off;
+              const T rs = rstd_[t * norm_segments() + r];
+              const T* w = ws[which];
+              double dot = 0;
+              for (index_t j = 0; j < segs.width; ++j) dot += double(gs[j] * w[j]) * double(xs[j] * rs);
+              const T mean = T(dot / double(segs.width));
+              for (index_t j = 0; j < segs.width; ++j) {
+                const T xhat = xs[j] * rs;
+                dw_parts[which][j] += gs[j] * xhat;
+                gs[j] = rs * (gs[j] * w[j] - xhat * mean);
+              }
+            }
+          }
+        }
+        if (config_.qkv_bias)
+          for (index_t j = 0; j < W; ++j) part[nq + nk + j] += g[j];
+      }
+    });
+    for (index_t b = 0; b < nblocks; ++b) {
+      const T* part = partial_.data() + b * pw;
+      for (index_t j = 0; j < nq; ++j) q_norm_.grad[j] += part[j];
+      for (index_t j = 0; j < nk; ++j) k_norm_.grad[j] += part[nq + j];
+      if (config_.qkv_bias)
+        for (index_t j = 0; j < W; ++j) qkv_bias_.grad[j] += part[nq + nk + j];
+    }
+  }
   T scale() const { return T(1.0 / std::sqrt(double(head_dim()))); }
 
   // Rows [row, row + n) of one head's columns starting at `col` in a [N, width] buffer.
@@ -381,6 +551,8 @@ class CausalSelfAttention : public detail::AttentionShape {
   }
 
   Parameter<T> qkv_weight_, out_weight_;
+  Parameter<T> qkv_bias_, q_norm_, k_norm_;  // the options' parameters, empty when off
+  Tensor<T> pre_, rstd_, clip_in_, partial_;  // prologue: normed inputs, their 1/rms, clamp inputs; dw partials
   index_t sequences_ = 0, length_ = 0;
   RotaryTable<T> rope_;
   Tensor<T> x_, qkv_, o_, lse_;   // forward cache: input, rotated q|k|v, attention output, log-sum-exp
