@@ -59,6 +59,7 @@
 #include "smoe/layers/timing.hpp"
 #include "smoe/layers/transformer_block.hpp"
 #include "smoe/layers/model.hpp"
+#include "smoe/layers/generation.hpp"
 #include "smoe/layers/accounting.hpp"
 #include "smoe/layers/layer_parameters.hpp"
 #include "smoe/layers/residual_moe.hpp"

@@ -1,7 +1,8 @@
-"""Checks `smoe_eval hf MODEL_DIR IN OUT --layer L` against a PyTorch reference of the Hugging Face
-MoE blocks, written from the transformers 4.57 semantics (docs/hf.md, issue 14), not from smoe:
+"""Checks `smoe_eval hf MODEL_DIR IN OUT [--layer L]` and `generate` against a PyTorch reference of the
+Hugging Face MoE blocks and decoder models, written from the transformers 4.57 semantics (docs/hf.md,
+issue 14), not from smoe:
 
-    hf_oracle.py SMOE_EVAL [--keep DIR]
+    hf_oracle.py SMOE_EVAL [--generate GENERATE] [--keep DIR]
 
 For each family (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 twice, gpt_oss) it builds a tiny
 random checkpoint in the exact on-disk layout (HF tensor names, [out, in] Linear weights, GPT-OSS's
@@ -143,7 +144,49 @@ def build(family, seed):
             t[p + "experts.gate_up_proj_bias"] = rand(gen, E, 2 * I)
             t[p + "experts.down_proj"] = rand(gen, E, I, H, std=0.3)
             t[p + "experts.down_proj_bias"] = rand(gen, E, H)
+    if cfg["model_type"] in WHOLE_MODEL_TYPES:
+        add_decoder_tensors(gen, cfg, t)
     return cfg, t
+
+
+WHOLE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def add_decoder_tensors(gen, cfg, t):
+    """The attention, embedding, final norm and head of a whole decoder model, with each family's options:
+    GQA everywhere; mixtral a tied head; qwen2_moe q/k/v biases; qwen3_moe per-head q/k norms and
+    head_dim != hidden / heads; olmoe whole q/k norms and clip_qkv."""
+    mt, H, L, V, nh = cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], 4
+    nkv = 2
+    dh = 6 if mt == "qwen3_moe" else H // nh
+    cfg.update(num_key_value_heads=nkv, rope_theta=500.0, rms_norm_eps=1e-5)
+    if mt == "qwen3_moe":
+        cfg.update(head_dim=dh)
+    if mt == "mixtral":
+        cfg.update(tie_word_embeddings=True)
+    if mt == "olmoe":
+        cfg.update(clip_qkv=1.5)
+    if mt == "qwen2_moe":
+        cfg.update(qkv_bias=True)
+    t["model.embed_tokens.weight"] = rand(gen, V, H, std=1.0)
+    t["model.norm.weight"] = 1 + rand(gen, H, std=0.1)
+    if not cfg.get("tie_word_embeddings", False):
+        t["lm_head.weight"] = rand(gen, V, H, std=0.3)
+    for i in range(L):
+        p = f"model.layers.{i}.self_attn."
+        t[p + "q_proj.weight"] = rand(gen, nh * dh, H, std=0.4)
+        t[p + "k_proj.weight"] = rand(gen, nkv * dh, H, std=0.4)
+        t[p + "v_proj.weight"] = rand(gen, nkv * dh, H, std=0.4)
+        t[p + "o_proj.weight"] = rand(gen, H, nh * dh, std=0.4)
+        if mt == "qwen2_moe":
+            for n, w in (("q", nh), ("k", nkv), ("v", nkv)):
+                t[p + f"{n}_proj.bias"] = rand(gen, w * dh, std=0.3)
+        if mt == "qwen3_moe":
+            t[p + "q_norm.weight"] = 1 + rand(gen, dh, std=0.2)
+            t[p + "k_norm.weight"] = 1 + rand(gen, dh, std=0.2)
+        if mt == "olmoe":
+            t[p + "q_norm.weight"] = 1 + rand(gen, nh * dh, std=0.2)
+            t[p + "k_norm.weight"] = 1 + rand(gen, nkv * dh, std=0.2)
 
 
 def sparse(cfg, i):
@@ -272,6 +315,70 @@ def reference(cfg, w, layer, x):
     return y, idx, wts, margin
 
 
+def rms_norm(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x, theta):
+    """rotate_half RoPE of x [S, heads, dh] at positions 0 … S−1."""
+    S, dh = x.shape[0], x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    freqs = torch.arange(S, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    rotated = torch.cat((-x[..., dh // 2:], x[..., :dh // 2]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(cfg, w, layer, x):
+    """Layer `layer`'s self-attention of one sequence x [S, H] (eager transformers attention)."""
+    mt, eps = cfg["model_type"], cfg["rms_norm_eps"]
+    S, nh, nkv = x.shape[0], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    dh = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    p = f"model.layers.{layer}.self_attn."
+
+    def proj(n):
+        y = x @ w[p + f"{n}_proj.weight"].T
+        return y + w[p + f"{n}_proj.bias"] if p + f"{n}_proj.bias" in w else y
+
+    q, k, v = proj("q"), proj("k"), proj("v")
+    if mt == "olmoe":  # norms over all heads, then the clamp
+        q, k = rms_norm(q, w[p + "q_norm.weight"], eps), rms_norm(k, w[p + "k_norm.weight"], eps)
+        if cfg.get("clip_qkv"):
+            c = cfg["clip_qkv"]
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+    q, k, v = q.view(S, nh, dh), k.view(S, nkv, dh), v.view(S, nkv, dh)
+    if mt == "qwen3_moe":  # per-head norms
+        q, k = rms_norm(q, w[p + "q_norm.weight"], eps), rms_norm(k, w[p + "k_norm.weight"], eps)
+    q, k = rotate(q, cfg["rope_theta"]), rotate(k, cfg["rope_theta"])
+    rep = nh // nkv
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # repeat_kv
+    scores = torch.einsum("qhd,khd->hqk", q, k) / dh ** 0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(S, S, dtype=torch.bool), 1), float("-inf"))
+    o = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v).reshape(S, nh * dh)
+    return o @ w[p + "o_proj.weight"].T
+
+
+def lm_reference(cfg, w, ids):
+    """(logits [B, S, V], the smallest routing margin) of the causal LM on ids [B, S]."""
+    eps, margin, out = cfg["rms_norm_eps"], float("inf"), []
+    head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
+    for seq in ids:
+        h = w["model.embed_tokens.weight"][seq]
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            h = h + attention(cfg, w, i, rms_norm(h, w[p + "input_layernorm.weight"], eps))
+            m = rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
+            if sparse(cfg, i):
+                y, _, _, mg = reference(cfg, w, i, m)
+                margin = min(margin, mg)
+            else:
+                y = swiglu(m, w, p + "mlp.", ("gate_proj", "up_proj", "down_proj"))
+            h = h + y
+        out.append(rms_norm(h, w["model.norm.weight"], eps) @ head.T)
+    return torch.stack(out), margin
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -327,6 +434,102 @@ def check_family(tool, root, name, family, dtype_of, shards, layers, failures):
         print(f"{status} {name} layer {layer}: err(y) = {e_y:.2e}, err(gates) = {e_g:.2e}, experts equal: {same}")
         if status != "ok":
             failures.append(f"{name} layer {layer}")
+
+
+LM_CASES = [
+    # (name, family, stored dtype of each tensor, shards)
+    ("lm_mixtral_f32", "mixtral", lambda n: torch.float32, 1),
+    ("lm_qwen2_moe_bf16", "qwen2_moe", lambda n: torch.bfloat16, 1),
+    ("lm_qwen3_moe_sharded_mixed", "qwen3_moe", lambda n: torch.bfloat16 if "self_attn" in n else torch.float32, 2),
+    ("lm_olmoe_f32", "olmoe", lambda n: torch.float32, 1),
+]
+
+
+def check_lm(tool, generate, root, name, family, dtype_of, shards, failures):
+    """Whole-model logits of `smoe_eval hf` (no --layer), then greedy generation with the KV cache."""
+    cfg, tensors = build(family, seed=zlib.crc32(name.encode()) % 1000)
+    model = os.path.join(root, name)
+    w = write_checkpoint(model, cfg, tensors, dtype_of, shards)
+    B, S, V = 2, 7, cfg["vocab_size"]
+    for attempt in range(50):
+        ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(attempt))
+        logits, margin = lm_reference(cfg, w, ids)
+        if margin > MARGIN:
+            break
+    else:
+        failures.append(f"{name}: no input_ids away from the routing kinks in 50 draws")
+        return
+    inp, out = os.path.join(model, "ids.safetensors"), os.path.join(model, "logits.safetensors")
+    safetensors_lite.save(inp, {"input_ids": ids.numpy().astype(np.int64)})
+    r = run_tool(tool, model, inp, out)
+    if r.returncode != 0:
+        failures.append(f"{name}: exit {r.returncode}: {r.stderr.strip()}")
+        return
+    got, _ = safetensors_lite.load(out)
+    e = err(got["logits"], logits.numpy())
+    status = "ok" if e <= TOL and got["logits"].dtype == np.float32 else "FAIL"
+    print(f"{status} {name} logits [{B}, {S}, {V}]: err = {e:.2e}")
+    if status != "ok":
+        failures.append(f"{name} logits")
+    if generate:
+        check_generation(generate, model, name, cfg, w, failures)
+
+
+def greedy_reference(cfg, w, prompt, n_new):
+    """Greedy continuation by full recomputation at every step, or None when a step's top-2 logits or
+    a routing decision are too close to call."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        logits, margin = lm_reference(cfg, w, torch.tensor([seq]))
+        top2 = logits[0, -1].topk(2).values
+        if margin <= MARGIN or float(top2[0] - top2[1]) <= MARGIN:
+            return None
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def run_generate(generate, model, prompt, n_new, *extra):
+    r = subprocess.run([generate, model, "--ids", ",".join(map(str, prompt)), "--max-new", str(n_new), *extra],
+                       capture_output=True, text=True, timeout=120)
+    ids = [int(v) for v in r.stdout.splitlines()[0].split(",")] if r.returncode == 0 and r.stdout else None
+    return r, ids
+
+
+def check_generation(generate, model, name, cfg, w, failures):
+    n_new = 6
+    for attempt in range(50):
+        prompt = torch.randint(0, cfg["vocab_size"], (4,), generator=torch.Generator().manual_seed(100 + attempt)).tolist()
+        expected = greedy_reference(cfg, w, prompt, n_new)
+        if expected is not None:
+            break
+    else:
+        failures.append(f"{name} generate: no prompt away from the kinks in 50 draws")
+        return
+    r, got = run_generate(generate, model, prompt, n_new, "--ignore-eos")
+    ok = got == expected and "decode: 5 tokens" in r.stdout
+    print(f"{'ok' if ok else 'FAIL'} {name} generate (KV cache) {got} vs greedy by full recomputation {expected}")
+    if not ok:
+        failures.append(f"{name} generate: {r.returncode} {r.stdout!r} {r.stderr!r}, expected {expected}")
+        return
+    # eos_token_id in config.json ends generation after the first occurrence (kept), as transformers' generate.
+    stop = next((i for i in range(1, n_new) if expected[i] not in expected[:i]), None)
+    if stop is None:
+        return
+    path = os.path.join(model, "config.json")
+    with open(path) as f:
+        original = f.read()
+    with open(path, "w") as f:
+        json.dump(dict(cfg, eos_token_id=[V_UNUSED, expected[stop]]), f)
+    r, got = run_generate(generate, model, prompt, n_new)
+    with open(path, "w") as f:
+        f.write(original)
+    ok = got == expected[:stop + 1]
+    print(f"{'ok' if ok else 'FAIL'} {name} generate stops after eos_token_id {expected[stop]}: {got}")
+    if not ok:
+        failures.append(f"{name} generate with eos: {r.returncode} {r.stdout!r} {r.stderr!r}, expected {expected[:stop + 1]}")
+
+
+V_UNUSED = 10 ** 6  # an eos id no tiny model produces
 
 
 def expect_error(tool, failures, what, model, inp, out, extra, needle):
@@ -418,6 +621,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("tool")
     ap.add_argument("--keep", help="keep the checkpoints and files in this directory")
+    ap.add_argument("--generate", help="examples/generate: also check greedy generation with the KV cache")
     args = ap.parse_args()
     root = args.keep or tempfile.mkdtemp(prefix="smoe_hf_oracle_")
     if args.keep:
@@ -427,6 +631,8 @@ def main():
     try:
         for case in CASES:
             check_family(args.tool, root, *case, failures)
+        for case in LM_CASES:
+            check_lm(args.tool, args.generate, root, *case, failures)
         check_bad_inputs(args.tool, root, failures)
     finally:
         if not args.keep:

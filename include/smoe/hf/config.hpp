@@ -15,6 +15,7 @@
 // is one clear smoe::error naming the key, not a wrong model.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -68,6 +69,7 @@ struct Config {
   double clip_qkv = 0;          // olmoe 'clip_qkv' (0: null, no clamp)
   index_t sliding_window = 0;   // mixtral 'sliding_window'; qwen 'sliding_window' if 'use_sliding_window' (0: none)
   bool rope_scaling = false;    // a non-null 'rope_scaling' (refused by load_causal_lm)
+  std::vector<std::int64_t> eos_token_ids;  // 'eos_token_id' (one id or a list); generation stops after one
 
   // Whether decoder layer `layer` has a sparse MoE block (a dense MLP otherwise).
   bool is_sparse(index_t layer) const {
@@ -118,6 +120,19 @@ class ConfigReader {
       if (!e.is_number_integer() || e.get<long long>() < 0)
         fail(source_, ": '", key, "' must hold layer indices >= 0, got ", io::describe_json(e));
       out.push_back(index_t(e.get<long long>()));
+    }
+    return out;
+  }
+  // A token id or a list of them; absent or null: the fallback.
+  std::vector<std::int64_t> token_ids(const char* key, std::vector<std::int64_t> fallback) const {
+    if (!j_.contains(key)) return fallback;
+    const nlohmann::json& v = j_.at(key);
+    if (v.is_null()) return {};
+    std::vector<std::int64_t> out;
+    for (const auto& e : v.is_array() ? v : nlohmann::json::array({v})) {
+      if (!e.is_number_integer() || e.get<long long>() < 0)
+        fail(source_, ": '", key, "' must be a token id >= 0 or a list of them, got ", io::describe_json(v));
+      out.push_back(e.get<std::int64_t>());
     }
     return out;
   }
@@ -225,6 +240,10 @@ inline Config parse_config(const nlohmann::json& j, const std::string& source) {
     c.clip_qkv = r.number("clip_qkv", 0.0);
     if (r.has("clip_qkv") && !(c.clip_qkv > 0)) fail(source, ": 'clip_qkv' must be > 0 or null, got ", c.clip_qkv);
   }
+  // transformers' config classes default eos_token_id to 2 (mixtral), 50279 (olmoe), none otherwise.
+  c.eos_token_ids = r.token_ids("eos_token_id", t == "mixtral" ? std::vector<std::int64_t>{2}
+                                               : t == "olmoe" ? std::vector<std::int64_t>{50279}
+                                                              : std::vector<std::int64_t>{});
   if (t == "mixtral") c.sliding_window = r.integer("sliding_window", 0);
   if ((t == "qwen2_moe" || t == "qwen3_moe") && r.boolean("use_sliding_window", false))
     c.sliding_window = r.integer("sliding_window", 4096);

@@ -45,6 +45,7 @@
 #include "smoe/cpu/eigen.hpp"
 #include "smoe/cpu/parallel.hpp"
 #include "smoe/layers/detail/blocked_gemm.hpp"
+#include "smoe/layers/kv_cache.hpp"
 #include "smoe/layers/rotary.hpp"
 
 namespace smoe {
@@ -270,6 +271,73 @@ class CausalSelfAttention : public detail::AttentionShape {
     if (config_.has_qkv_prologue()) qkv_prologue_backward();
     detail::blocked_gemm_tn_add<T>(x_.matrix(), dqkv_.matrix(), qkv_weight_.grad.matrix());
     detail::blocked_gemm_nt<T>(dqkv_.matrix(), qkv_weight_.value.matrix(), dx, weight_t_);
+  }
+
+  // Inference with a KV cache: x, y [B·n, d] hold n new tokens of each of the cache's B sequences
+  // (sequence-major), at positions cache.length … cache.length + n − 1. Their rotated keys and values
+  // are written into the cache; each new query attends to every cached position and to the new ones
+  // up to its own. The caller advances the cache once all layers have run (Model::forward_cached).
+  // Equals forward() on the whole sequences, row for row. Not differentiable: backward() afterwards
+  // is refused.
+  void forward_cached(ConstMatrixView<T> x, MatrixView<T> y, const LayerKVCache<T>& cache) {
+    using namespace cpu_kernels;
+    const index_t N = x.rows, d = d_model(), H = heads(), G = kv_heads(), dh = head_dim(), W = qkv_width();
+    const index_t B = cache.sequences, past = cache.length;
+    expect_shape(name, "x", x, N, d);
+    expect_shape(name, "y", y, N, d);
+    if (B < 1 || N % B != 0) fail(name, ": x rows (B·n) must be a multiple of the cache's sequences = ", B, ", got ", N);
+    expect_equal(name, "cache width (kv_heads · head_dim)", G * dh, cache.width);
+    const index_t n = N / B;
+    if (past + n > cache.capacity)
+      fail(name, ": ", n, " new positions after ", past, " cached ones pass the cache capacity ", cache.capacity);
+    if (validate_inputs) check_finite(name, "x", x);
+    x_ = Tensor<T>();  // backward() needs a forward()
+    qkv_.resize({N, W});
+    o_.resize({N, H * dh});
+    if (N == 0) return;
+    detail::blocked_gemm_nn<T>(x, qkv_weight_.value.matrix(), qkv_.matrix());
+    if (config_.has_qkv_prologue()) qkv_prologue_forward();
+    if (config_.rope) rope_.build(dh, config_.rope_base, past, n);
+    parallel_for_blocks(N, row_block, [&](index_t first, index_t last) {
+      for (index_t t = first; t < last; ++t) {
+        T* row = qkv_.data() + t * W;
+        if (config_.rope)
+          for (index_t h = 0; h < H + G; ++h) rope_.rotate(row + h * dh, t % n);
+        const index_t b = t / n, p = past + t % n;
+        std::copy_n(row + H * dh, G * dh, cache.key_row(b, p));
+        std::copy_n(row + (H + G) * dh, G * dh, cache.value_row(b, p));
+      }
+    });
+    // One work item per (sequence, head, block of new queries): S = scale·Q·Kᵀ over the visible
+    // positions, softmax per row, O = P·V.
+    const index_t blk = config_.block, nb = (n + blk - 1) / blk, rep = H / G;
+    const T scale = this->scale();
+    scratch_.resize(static_cast<std::size_t>(max_threads()));
+    parallel_for_indexed(B * H * nb, [&](index_t item, int thread) {
+      const index_t qb = item % nb, h = (item / nb) % H, b = item / (nb * H), g = h / rep;
+      const index_t i0 = qb * blk, nq = std::min(blk, n - i0), keys = past + i0 + nq;
+      Scratch& sc = scratch_[static_cast<std::size_t>(thread)];
+      sc.s.resize({nq, keys});
+      const MatrixView<T> s(sc.s.data(), nq, keys);
+      const auto q = head_rows(qkv_, W, b * n + i0, nq, h * dh, dh);
+      const ConstMatrixView<T> k(cache.key_row(b, 0) + g * dh, keys, dh, cache.width);
+      const ConstMatrixView<T> v(cache.value_row(b, 0) + g * dh, keys, dh, cache.width);
+      eigen(s).noalias() = scale * (eigen(q) * eigen(k).transpose());
+      for (index_t i = 0; i < nq; ++i) {
+        T* row = s.row(i);
+        const index_t visible = past + i0 + i + 1;
+        T m = row[0];
+        for (index_t j = 1; j < visible; ++j) m = std::max(m, row[j]);
+        T sum = 0;
+        for (index_t j = 0; j < visible; ++j) sum += (row[j] = std::exp(row[j] - m));
+        const T inv = T(1) / sum;
+        for (index_t j = 0; j < visible; ++j) row[j] *= inv;
+        for (index_t j = visible; j < keys; ++j) row[j] = T(0);
+      }
+      MatrixView<T> out(o_.data() + (b * n + i0) * H * dh + h * dh, nq, dh, H * dh);
+      eigen(out).noalias() = eigen(ConstMatrixView<T>(s)) * eigen(v);
+    });
+    detail::blocked_gemm_nn<T>(o_.matrix(), out_weight_.value.matrix(), y);
   }
 
  private:

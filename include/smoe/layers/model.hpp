@@ -40,6 +40,7 @@
 #include "smoe/layers/accounting.hpp"
 #include "smoe/layers/cross_entropy.hpp"
 #include "smoe/layers/embedding.hpp"
+#include "smoe/layers/kv_cache.hpp"
 #include "smoe/layers/output_projection.hpp"
 #include "smoe/layers/rms_norm.hpp"
 #include "smoe/layers/routing_stats.hpp"
@@ -69,6 +70,12 @@ struct ModelConfig {
 };
 
 // The routing statistics of block `layer`'s feed-forward layer.
+// Which rows Model::forward_cached computes logits for.
+enum class CachedLogits {
+  all,  // every new token: [B·n, V]
+  last  // each sequence's last new token: [B, V] (generation)
+};
+
 struct LayerRoutingStats {
   index_t layer = 0;
   RoutingStats stats;
@@ -289,6 +296,35 @@ class Model {
 
   // Accumulates the gradient of the last forward's objective() = loss + aux_loss into every
   // parameter's grad (call zero_grad(model) first). One backward per forward with targets.
+  // Inference with a KV cache (make_kv_cache): ids [B·n] hold n new tokens of each of the cache's B
+  // sequences (sequence-major) at the cache's next positions; every block runs on them alone and the
+  // cache advances by n. Prefill is one call with the prompts, a decode step one call with one token
+  // per sequence. logits() equals forward_logits() on the whole sequences at those rows. CPU models;
+  // not differentiable (backward() afterwards is refused).
+  ModelOutput forward_cached(std::span<const std::int32_t> ids, KVCache<T>& cache,
+                             CachedLogits which = CachedLogits::all)
+    requires(!on_device)
+  {
+    return forward_cached_impl(ids, cache, which);
+  }
+  ModelOutput forward_cached(std::span<const std::int64_t> ids, KVCache<T>& cache,
+                             CachedLogits which = CachedLogits::all)
+    requires(!on_device)
+  {
+    return forward_cached_impl(ids, cache, which);
+  }
+  // An empty cache for `sequences` sequences of up to `capacity` positions each (prompt + new tokens).
+  KVCache<T> make_kv_cache(index_t sequences, index_t capacity) const
+    requires(!on_device)
+  {
+    const bool any = !blocks_.empty();
+    return KVCache<T>({.layers = layers(),
+                       .sequences = sequences,
+                       .kv_heads = any ? blocks_[0].attention().kv_heads() : 1,
+                       .head_dim = any ? blocks_[0].attention().head_dim() : 1,
+                       .capacity = capacity});
+  }
+
   void backward() {
     if (!has_targets_) fail(name, ": backward needs a forward with targets first (one backward per forward)");
     has_targets_ = false;
@@ -316,15 +352,52 @@ class Model {
   static std::string block_prefix(std::size_t l) { return "blocks." + std::to_string(l) + "."; }
   double* slot(double ModelTimes::*part) { return timing_ ? &(times_.*part) : nullptr; }
 
-  template <class Id, class Target>
-  ModelOutput forward_impl(std::span<const Id> ids, const std::span<const Target>* targets, index_t sequences,
-                           Mode mode) {
-    const index_t N = static_cast<index_t>(ids.size()), V = vocab(), d = d_model();
+  template <class Id>
+  void check_ids(std::span<const Id> ids, index_t sequences) const {
+    const index_t N = static_cast<index_t>(ids.size()), V = vocab();
     if (N < 1) fail(name, ": ids must not be empty");
     if (sequences < 1) fail(name, ": sequences must be >= 1, got ", sequences);
     if (N % sequences != 0) fail(name, ": ids size (B·L) must be a multiple of sequences = ", sequences, ", got ", N);
     for (index_t t = 0; t < N; ++t)
       if (ids[t] < 0 || ids[t] >= V) fail(name, ": ids[", t, "] must be in [0, ", V, "), got ", ids[t]);
+  }
+
+  template <class Id>
+  ModelOutput forward_cached_impl(std::span<const Id> ids, KVCache<T>& cache, CachedLogits which) {
+    const index_t N = static_cast<index_t>(ids.size()), B = cache.sequences(), d = d_model();
+    expect_equal(name, "KV cache layers", layers(), cache.config().layers);
+    check_ids(ids, B);
+    const index_t n = N / B;
+    cache.check_room(n);
+    has_targets_ = false;
+    for (Tensor<T, backend>& a : act_) a.resize({N, d});
+    embed_.forward(ids, act_[0].matrix());
+    ModelOutput out;
+    int cur = 0;
+    for (std::size_t l = 0; l < blocks_.size(); ++l) {
+      auto r = blocks_[l].forward_cached(std::as_const(act_[cur]).matrix(), act_[1 - cur].matrix(),
+                                         cache.layer(index_t(l), n));
+      collect(r, index_t(l), out);
+      cur = 1 - cur;
+    }
+    cache.advance(n);
+    final_norm_.forward(std::as_const(act_[cur]).matrix(), act_[1 - cur].matrix());
+    const Tensor<T, backend>* normed = &act_[1 - cur];
+    if (which == CachedLogits::last) {
+      act_[cur].resize({B, d});
+      for (index_t b = 0; b < B; ++b) std::copy_n(normed->data() + (b * n + n - 1) * d, d, act_[cur].data() + b * d);
+      normed = &act_[cur];
+    }
+    logits_.resize({normed->dim(0), vocab()});
+    head_.forward(normed->matrix(), logits_.matrix());
+    return out;
+  }
+
+  template <class Id, class Target>
+  ModelOutput forward_impl(std::span<const Id> ids, const std::span<const Target>* targets, index_t sequences,
+                           Mode mode) {
+    const index_t N = static_cast<index_t>(ids.size()), V = vocab(), d = d_model();
+    check_ids(ids, sequences);
     if (targets) {
       if (static_cast<index_t>(targets->size()) != N)
         fail(name, ": targets must have ", N, " entries (one per id), got ", targets->size());

@@ -241,6 +241,29 @@ class TransformerBlock {
     return out;
   }
 
+  // Inference with a KV cache (Attention::forward_cached): y = block(x) for the n new tokens of each
+  // of the cache's sequences, x and y [B·n, d]. Not differentiable: backward() afterwards is refused.
+  template <class Cache>
+    requires requires(Attention& a, ConstView x, View y, const Cache& c) { a.forward_cached(x, y, c); }
+  FeedForwardOutput<T> forward_cached(ConstView x, View y, const Cache& cache) {
+    const index_t N = x.rows, d = d_model();
+    expect_shape(name, "x", x, N, d);
+    expect_shape(name, "y", y, N, d);
+    if (N > 0 && static_cast<const void*>(x.data) == static_cast<const void*>(y.data))
+      fail(name, ": y must not be the memory of x (forward reads x after writing y)");
+    a_.resize({N, d});
+    h_.resize({N, d});
+    b_.resize({N, d});
+    has_forward_ = false;
+    attn_norm_.forward(x, a_.matrix());
+    attn_.forward_cached(std::as_const(a_).matrix(), y, cache);
+    RowOps<backend>::add(x, ConstView(y), h_.matrix(), stream());
+    ffn_norm_.forward(std::as_const(h_).matrix(), b_.matrix());
+    const FeedForwardOutput<T> out = feed_forward(ffn_, std::as_const(b_).matrix(), y, Mode::eval);
+    RowOps<backend>::add(ConstView(y), std::as_const(h_).matrix(), y, stream());
+    return out;
+  }
+
   // dy, dx [B·L, d] of the last forward; dx may be dy's memory. Accumulates every parameter's
   // gradient, the FFN's aux-loss gradient included.
   void backward(ConstView dy, View dx) {
