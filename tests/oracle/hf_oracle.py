@@ -542,7 +542,7 @@ def expect_error(tool, failures, what, model, inp, out, extra, needle):
         failures.append(f"bad input {what}: exit {r.returncode}, stderr {r.stderr!r}, expected {needle!r}")
 
 
-def check_bad_inputs(tool, root, failures):
+def check_bad_inputs(tool, generate, root, failures):
     def fresh(name, family, shards=1):
         cfg, tensors = build(family, seed=7)
         d = os.path.join(root, "bad_" + name)
@@ -594,6 +594,15 @@ def check_bad_inputs(tool, root, failures):
     safetensors_lite.save(ids_path, {"input_ids": np.array([0, 1], np.int64)})
     expect_error(tool, failures, "input_ids of rank 1", d_lm, ids_path, out, [], "input_ids must have rank 2 [B, S], got rank 1")
     expect_error(tool, failures, "no input_ids", d_lm, x_path, out, [], "input_ids")
+    if generate:
+        for what, model_dir, ids, needle in (
+                ("generate: token id >= vocab", d_lm, f"1,{vocab}", f"token ids must be in [0, vocab_size = {vocab}), got {vocab} at 1"),
+                ("generate: whole deepseek_v3 model", d, "1,2", "whole deepseek_v3 models are not supported")):
+            r = subprocess.run([generate, model_dir, "--ids", ids], capture_output=True, text=True, timeout=60)
+            ok = r.returncode == 1 and needle in r.stderr and not r.stdout
+            print(f"{'ok' if ok else 'FAIL'} bad input: {what}: {r.stderr.strip()}")
+            if not ok:
+                failures.append(f"bad input {what}: exit {r.returncode}, stderr {r.stderr!r}, expected {needle!r}")
     x_bad = os.path.join(root, "x15.safetensors")
     safetensors_lite.save(x_bad, {"x": np.zeros((3, 15), np.float32)})
     expect_error(tool, failures, "x of the wrong width", d, x_bad, out, ["--layer", "1"],
@@ -633,7 +642,7 @@ def main():
             check_family(args.tool, root, *case, failures)
         for case in LM_CASES:
             check_lm(args.tool, args.generate, root, *case, failures)
-        check_bad_inputs(args.tool, root, failures)
+        check_bad_inputs(args.tool, args.generate, root, failures)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

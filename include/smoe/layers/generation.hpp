@@ -64,8 +64,8 @@ std::int64_t next_token(std::span<const T> logits, const SamplingConfig& c, std:
 
 struct GenerationConfig {
   index_t max_new = 16;                // tokens to generate (fewer when a stop id comes first)
-  SamplingConfig sampling;             // greedy by default
-  std::vector<std::int64_t> stop_ids;  // generation ends after one of these (it is kept), e.g. EOS
+  SamplingConfig sampling{};           // greedy by default
+  std::vector<std::int64_t> stop_ids{};  // generation ends after one of these (it is kept), e.g. EOS
 };
 
 struct Generation {
