@@ -98,8 +98,6 @@ void expect_expert_parallel_spec(const Spec& s) {
            router, " (its assignment needs the whole batch)");
   }
   if (s.backend != BackendKind::cpu) fail("SPEC: \"expert_parallel\": true needs \"backend\": \"cpu\"");
-  if (s.capacity_factor != 0.0)
-    fail("SPEC: \"expert_parallel\": true is dropless: \"capacity_factor\" must be 0, got ", s.capacity_factor);
   if (s.router == RouterKind::noisy_topk && s.load_coef != 0.0)
     fail("SPEC: \"expert_parallel\": true: noisy_topk's \"load_coef\" must be 0 (its load loss has no global "
          "scope yet), got ",
@@ -157,6 +155,7 @@ smoe::io::SafetensorsWriter evaluate_sharded(smoe::MpiCommunicator& comm, Full& 
 
   auto run = [&](auto& layer) {
     layer.validate_inputs = true;
+    layer.capacity.capacity_factor = spec.capacity_factor;  // per expert over the global batch
     if constexpr (hash)
       layer.router().set_token_ids(std::span<const std::int64_t>(ids.data() + first[rank], std::size_t(mine)));
     smoe::Tensor<T> x_mine({mine, d}), y_mine({mine, d});
@@ -179,13 +178,17 @@ smoe::io::SafetensorsWriter evaluate_sharded(smoe::MpiCommunicator& comm, Full& 
 
     std::vector<index_t> zero_to_p(static_cast<std::size_t>(P + 1));
     for (index_t r = 0; r <= P; ++r) zero_to_p[r] = r;  // one "row" per rank: its expert shard
-    const smoe::Tensor<std::int32_t>& routed = layer.routing().experts;
+    // The dispatched routing, as one process writes it: capacity-dropped ids −1, their gates 0.
+    const smoe::Tensor<std::int32_t>& routed = layer.dispatched_experts();
+    smoe::Tensor<T> gates = layer.routing().gates;
+    for (index_t i = 0; i < gates.size(); ++i)
+      if (routed[i] < 0) gates[i] = T(0);
     const auto y_all = gather_rows<T>(comm.comm(), std::span<const T>(y_mine.data(), std::size_t(y_mine.size())),
                                       first, d);
     const auto ids_all = gather_rows<std::int32_t>(
         comm.comm(), std::span<const std::int32_t>(routed.data(), std::size_t(routed.size())), first, K);
     const auto gates_all = gather_rows<T>(
-        comm.comm(), std::span<const T>(layer.routing().gates.data(), std::size_t(routed.size())), first, K);
+        comm.comm(), std::span<const T>(gates.data(), std::size_t(gates.size())), first, K);
 
     smoe::io::SafetensorsWriter out;
     out.set_metadata("producer", "smoe_eval");

@@ -36,6 +36,11 @@ CASES = [  # (name, SPEC, tokens): every token-choice router, k = 1 and k > 1, u
                            "coef": {"switch": 0.2, "z": 0.02}}, 11),
     ("softmax_k4_one_token_f64", {"router": "softmax_topk", "k": 4, "activation": "relu", "dtype": "float64",
                                   "coef": COEF}, 1),
+    # Capacity per expert over the global batch: drops at both choices, the same ones as one process.
+    ("softmax_k2_capacity_f64", {"router": "softmax_topk", "k": 2, "activation": "gelu", "dtype": "float64",
+                                 "capacity_factor": 0.5, "mode": "train", "coef": COEF}, 23),
+    ("sigmoid_k3_capacity_f32", {"router": "sigmoid_topk", "k": 3, "activation": "relu", "dtype": "float32",
+                                 "capacity_factor": 1.0, "coef": {"switch": 0.2, "entropy": 0.1}}, 17),
 ]
 D, G = 6, 5
 

@@ -91,6 +91,13 @@ struct RunResult {
   double aux = 0;
 };
 
+// The capacity factor of the cases run while a WithCapacity is alive (0: dropless).
+double case_capacity_factor = 0;
+struct WithCapacity {
+  explicit WithCapacity(double factor) { case_capacity_factor = factor; }
+  ~WithCapacity() { case_capacity_factor = 0; }
+};
+
 // One case: the single-process MoE on the global batch against ExpertParallel on this rank's rows.
 template <class T, class Router, class... Losses>
 RunResult<T> check_case(Router router, index_t total, double tol, Mode mode, Losses... losses) {
@@ -118,12 +125,14 @@ RunResult<T> check_case(Router router, index_t total, double tol, Mode mode, Los
   const auto x_all = test::random_matrix<T>(total, d, 31), dy_all = test::random_matrix<T>(total, d, 32);
 
   MoE reference(router, full, WeightedSum<T>{}, losses...);
+  reference.capacity.capacity_factor = case_capacity_factor;
   set_ids(reference.router(), 0, total);
   Tensor<T> y_ref({total, d}), dx_ref({total, d});
   const auto out_ref = reference.forward(x_all.matrix(), y_ref.matrix(), mode);
   reference.backward(dy_all.matrix(), dx_ref.matrix());
 
   ExpertParallel layer(*world, router, local, WeightedSum<T>{}, losses...);
+  layer.capacity.capacity_factor = case_capacity_factor;
   set_ids(layer.router(), first, n);
   const auto x = rows_of(x_all, first, n), dy = rows_of(dy_all, first, n);
   Tensor<T> y({n, d}), dx({n, d});
@@ -133,6 +142,17 @@ RunResult<T> check_case(Router router, index_t total, double tol, Mode mode, Los
   check_close(y.data(), y_ref.data() + first * d, n * d, tol, "y");
   check_close(dx.data(), dx_ref.data() + first * d, n * d, tol, "dx");
   check_close(&out.aux_loss, &out_ref.aux_loss, 1, tol, "aux_loss");
+  // The same assignments dropped: this rank's rows of the dispatched ids, and the total count.
+  const index_t K = layer.k();
+  const Tensor<std::int32_t>& kept = layer.dispatched_experts();
+  REQUIRE(kept.size() == n * K);
+  for (index_t a = 0; a < n * K; ++a) {
+    INFO("rank " << rank << ", assignment " << a);
+    CHECK(kept[a] == reference.dispatched_experts()[first * K + a]);
+  }
+  double dropped[1] = {double(layer.routing().dropped)};
+  world->all_reduce_sum(std::span<double>(dropped));
+  CHECK(index_t(dropped[0]) == reference.routing().dropped);
   // The received rows are the assignments of this rank's experts in the global batch.
   CHECK(layer.received_rows() == reference.dispatch().expert_begin(rank * El + El) -
                                      reference.dispatch().expert_begin(rank * El));
@@ -210,6 +230,25 @@ TEST_CASE("expert parallel: global-scope losses are the losses of the whole batc
     EntropyLoss<double> h(0.2);
     s.scope = h.scope = LossScope::global;
     check_case<double>(SigmoidTopK<double>({.d_model = d, .experts = E, .k = 2}), 17, 1e-12, Mode::train, s, h);
+  }
+}
+
+TEST_CASE("expert parallel: capacity per expert over the global batch equals one process", "[mpi][ep][capacity]") {
+  SECTION("k = 2, factor 0.5: many drops, at both choices") {
+    const WithCapacity cap(0.5);
+    check_case<double>(softmax_router<double>(2), 29, 1e-12, Mode::eval);
+  }
+  SECTION("k = 3, factor 1, global losses, float32") {
+    const WithCapacity cap(1.0);
+    std::apply([](auto... l) { check_case<float>(softmax_router<float>(3), 31, 1e-5, Mode::train, l...); },
+               global_losses<float>());
+  }
+  SECTION("gate priority is refused on every rank") {
+    ExpertParallel layer(*world, softmax_router<double>(2), FeedForwardExperts<double, Gelu>({d, E / world->size(), G}));
+    layer.capacity = {.capacity_factor = 1.0, .priority = CapacityPolicy::Priority::gate};
+    Tensor<double> x({3, d}), y({3, d});
+    x.zero();
+    REQUIRE_THROWS_WITH(layer.forward(x.matrix(), y.matrix()), Catch::Contains("capacity needs position priority"));
   }
 }
 

@@ -25,8 +25,13 @@
 // one all-reduce compares the configuration of every rank (E, k, d, scalar type, router and expert
 // types, local experts, expert d and hidden size, losses) and every rank throws smoe::error
 // naming a mismatch.
-// Not here yet: expert capacity (would be per expert over the global batch), routers that are not
-// token-choice (expert choice, BASE, S-BASE: their assignment needs the global batch), fused
+// Capacity (`capacity`, MoE's CapacityPolicy, position priority) is per expert over the global
+// batch: C = ceil(capacity_factor · T_global · K / E), the assignments kept in the order (choice j,
+// then global token, ranks' tokens in rank order), exactly as one process on the concatenated batch.
+// One all-reduce of the per-(rank, expert, choice) counts lets each rank drop its own assignments
+// locally, before any row travels.
+// Not here yet: capacity with gate priority (the order needs every rank's gates), routers that are
+// not token-choice (expert choice, BASE, S-BASE: their assignment needs the global batch), fused
 // forward_weighted experts (the owner cannot apply a gate it does not have).
 #include <algorithm>
 #include <cstdint>
@@ -49,6 +54,7 @@
 #include "smoe/layers/moe_check.hpp"
 #include "smoe/layers/routing_stats.hpp"
 #include "smoe/losses/balance_loss.hpp"
+#include "smoe/routing/capacity.hpp"
 #include "smoe/routing/routing.hpp"
 
 namespace smoe {
@@ -64,6 +70,8 @@ class ExpertParallel {
   static constexpr const char* name = "ExpertParallel";
 
   bool validate_inputs = validate_by_default;
+  // Expert capacity over the global batch (position priority only); dropless by default.
+  CapacityPolicy capacity{};
 
   // `local_experts` holds this rank's E/P experts; `router` routes to all E. The communicator is
   // referenced, not copied: it must outlive the layer.
@@ -89,6 +97,8 @@ class ExpertParallel {
   Comm& communicator() { return *comm_; }
   const Routing<T>& routing() const { return routing_; }
   const Dispatch<T>& dispatch() const { return dispatch_; }
+  // The router's ids with capacity-dropped assignments set to −1: what the experts computed.
+  const Tensor<std::int32_t>& dispatched_experts() const { return capacity.enabled() ? dispatched_ : routing_.experts; }
   // Rows this rank's experts computed in the last forward (from all ranks).
   index_t received_rows() const { return local_dispatch_.assignments(); }
 
@@ -115,11 +125,21 @@ class ExpertParallel {
       expect_shape(name, "x", x, tokens, d);
       expect_shape(name, "y", y, tokens, d);
       if (validate_inputs) check_finite(name, "x", x);
+      capacity.validate(name);
+      if (capacity.enabled() && capacity.priority != CapacityPolicy::Priority::position)
+        fail(name, ": capacity needs position priority under expert parallelism (gate priority would need every "
+                   "rank's gates)");
       router_.forward(x, routing_, mode);
       expect_shape(name, "router output experts", ConstMatrixView<std::int32_t>(routing_.experts.matrix()), tokens, K);
       expect_shape(name, "router output gates", ConstMatrixView<T>(routing_.gates.matrix()), tokens, K);
       build_dispatch(std::as_const(routing_.experts).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
     });
+    if (capacity.enabled()) {  // the ids are valid (build_dispatch accepted them): drop, then dispatch again
+      routing_.dropped = apply_global_capacity();
+      build_dispatch(std::as_const(dispatched_).matrix(), std::as_const(routing_.gates).matrix(), E, dispatch_);
+    } else {
+      routing_.dropped = 0;
+    }
     x_ = x;
     has_forward_ = true;
     plan_exchange();
@@ -232,6 +252,43 @@ class ExpertParallel {
              comm_->rank(), " has ", values[i], ", the mean over the ", comm_->size(), " ranks is ", sums[2 * i] / P);
   }
 
+  // dispatched_ ← routing_.experts with the assignments over the global capacity set to −1; returns
+  // how many of this rank's were dropped. Global position order: (choice j, rank, local token), so an
+  // assignment (t, j) to expert e is kept iff fewer than C (the limit) of e's assignments precede it: those of
+  // every rank at choices < j, of lower ranks at choice j, and this rank's earlier tokens at choice j.
+  index_t apply_global_capacity() {
+    const index_t P = comm_->size(), r = comm_->rank(), E = n_experts(), K = k(), tokens = routing_.tokens();
+    // [T_r per rank | counts per (rank, expert, choice)], exact in double.
+    std::vector<double> all(std::size_t(P + P * E * K), 0.0);
+    all[std::size_t(r)] = double(tokens);
+    double* mine = all.data() + P + r * E * K;
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t j = 0; j < K; ++j)
+        if (const std::int32_t e = routing_.experts[t * K + j]; e >= 0) mine[e * K + j] += 1;
+    comm_->all_reduce_sum(std::span<double>(all));
+    index_t global_tokens = 0;
+    for (index_t p = 0; p < P; ++p) global_tokens += index_t(all[std::size_t(p)]);
+    const double limit = double(capacity.capacity(global_tokens, K, E));
+    std::vector<double> before(std::size_t(E * K), 0.0);  // assignments ahead of this rank's, per (e, j)
+    for (index_t e = 0; e < E; ++e)
+      for (index_t j = 0; j < K; ++j) {
+        double n = 0;
+        for (index_t p = 0; p < P; ++p)
+          for (index_t jj = 0; jj < K; ++jj)
+            if (jj < j || (jj == j && p < r)) n += all[std::size_t(P + p * E * K + e * K + jj)];
+        before[e * K + j] = n;
+      }
+    dispatched_ = routing_.experts;
+    index_t dropped = 0;
+    for (index_t j = 0; j < K; ++j)
+      for (index_t t = 0; t < tokens; ++t)
+        if (const std::int32_t e = dispatched_[t * K + j]; e >= 0 && before[e * K + j]++ >= limit) {
+          dispatched_[t * K + j] = -1;
+          ++dropped;
+        }
+    return dropped;
+  }
+
   // Counts [P × E/P] out and in; the owner's layout (local expert, source rank, sender order).
   void plan_exchange() {
     const index_t P = comm_->size(), El = local_experts();
@@ -327,6 +384,7 @@ class ExpertParallel {
   ConstMatrixView<T> x_;
   bool has_forward_ = false;
   Routing<T> routing_;
+  Tensor<std::int32_t> dispatched_;  // routing_.experts after the capacity (when enabled)
   Dispatch<T> dispatch_;        // this rank's tokens by global expert
   Dispatch<T> local_dispatch_;  // the received rows by local expert
   std::vector<std::int32_t> send_counts_, recv_counts_, send_rows_, recv_rows_, wire_to_local_;
