@@ -65,8 +65,16 @@ rows=(
   "samoe-l6-per-layer|samoe-pool|1|6 layers, per-layer experts|--ffn sigma-moe --layers 6"
   "samoe-l6-m2|samoe-pool|1|6 layers, SaMoE weight space M 2|--ffn samoe --members 2 --layers 6"
   "samoe-l6-m1|samoe-pool|1|6 layers, SaMoE weight space M 1|--ffn samoe --members 1 --layers 6"
+  "scale-sigma-e8|sigma-scaling|1|timing: sigma-MoE E 8 (K·G 256 fixed), 300 steps|--ffn sigma-moe --experts 8 --steps 300"
+  "scale-sigma-e16|sigma-scaling|1|timing: sigma-MoE E 16, 300 steps|--ffn sigma-moe --experts 16 --steps 300"
+  "scale-sigma-e32|sigma-scaling|1|timing: sigma-MoE E 32, 300 steps|--ffn sigma-moe --experts 32 --steps 300"
+  "scale-sigma-e64|sigma-scaling|1|timing: sigma-MoE E 64, 300 steps|--ffn sigma-moe --experts 64 --steps 300"
+  "scale-dense-e8|sigma-scaling|1|timing: dense with the parameters of E 8 (d_ff 520), 300 steps|--ffn dense --experts 8 --steps 300"
+  "scale-dense-e16|sigma-scaling|1|timing: dense with the parameters of E 16 (d_ff 1032), 300 steps|--ffn dense --experts 16 --steps 300"
+  "scale-dense-e32|sigma-scaling|1|timing: dense with the parameters of E 32 (d_ff 2064), 300 steps|--ffn dense --experts 32 --steps 300"
+  "scale-dense-e64|sigma-scaling|1|timing: dense with the parameters of E 64 (d_ff 4128), 300 steps|--ffn dense --experts 64 --steps 300"
 )
-groups=(sigma-headline sigma-gates sigma-ablations samoe-headline samoe-pool)
+groups=(sigma-headline sigma-gates sigma-ablations sigma-scaling samoe-headline samoe-pool)
 row_field() {  # row_field NAME INDEX (0 name, 1 group, 2 seeds, 3 description, 4 flags)
   local r
   for r in "${rows[@]}"; do
@@ -78,15 +86,27 @@ row_field() {  # row_field NAME INDEX (0 name, 1 group, 2 seeds, 3 description, 
 common=(--d-model 128 --heads 4 --context 128 --batch 16 --steps "$steps" --lr 3e-3 --threads "$threads"
         --eval-every 100 --log-every 10 --print-every 100 --final-eval-tokens 0)
 
-# is_finished CSV: the last row is the last step and has its validation.
+# row_steps NAME: the row's --steps (the timing rows' own) or the budget.
+row_steps() {
+  local flags
+  flags=" $(row_field "$1" 4) "
+  if [[ "$flags" == *" --steps "* ]]; then
+    flags="${flags#* --steps }"
+    echo "${flags%% *}"
+  else
+    echo "$steps"
+  fi
+}
+
+# is_finished NAME CSV: the last row is the row's last step and has its validation.
 is_finished() {
-  [[ -f "$1" ]] && [[ "$(csv_last step "$1")" == "$steps" ]] && [[ -n "$(csv_last val_bpb "$1")" ]]
+  [[ -f "$2" ]] && [[ "$(csv_last step "$2")" == "$(row_steps "$1")" ]] && [[ -n "$(csv_last val_bpb "$2")" ]]
 }
 
 run_one() {  # run_one NAME SEED
   local name="$1" seed="$2" run="$1.s$2"
   local csv="$results/$run.csv" ckpt="$work/checkpoints/$run.safetensors" out="$work/out/$run.out"
-  if is_finished "$csv"; then
+  if is_finished "$name" "$csv"; then
     echo "== $run: finished, skipped"
     return 0
   fi
@@ -130,7 +150,7 @@ report() {
         local bpb=() wall=() tps=() params="" active="" mflop="" tokens=""
         for seed in ${f[2]//,/ }; do
           csv="$results/$name.s$seed.csv" txt="$results/$name.s$seed.txt"
-          is_finished "$csv" || continue
+          is_finished "$name" "$csv" || continue
           bpb+=("$(csv_last val_bpb "$csv")")
           wall+=("$(csv_last elapsed_s "$csv")")
           tps+=("$(awk -v t="$(csv_last tokens "$csv")" -v s="$(csv_last elapsed_s "$csv")" 'BEGIN { printf "%.0f", t / s }')")
@@ -150,13 +170,32 @@ report() {
       done
     done
   } >"$table"
-  awk -v table="$table" '
-    /<!-- table:begin -->/ { print; while ((getline l < table) > 0) print l; skip = 1; next }
-    /<!-- table:end -->/ { skip = 0 }
-    !skip { print }' "$doc" >"$doc.tmp" && mv "$doc.tmp" "$doc"
-  command -v gnuplot >/dev/null || { echo "gnuplot not installed: no plots"; return 0; }
+  {
+    echo '```'
+    for r in "${rows[@]}"; do
+      IFS='|' read -r -a f <<<"$r"
+      local layers="--layers 4"
+      [[ " ${f[4]} " == *" --layers "* ]] && layers=""
+      echo "# ${f[0]}: seeds ${f[2]}"
+      echo "train_lm --data data/brown/brown.txt ${common[*]} $layers ${f[4]} --seed SEED" \
+           "--log docs/results/experiments/${f[0]}.sSEED.csv --save build-experiments/checkpoints/${f[0]}.sSEED.safetensors"
+    done
+    echo '```'
+  } >"$work/commands.md"
+  insert_block table "$table"
+  insert_block commands "$work/commands.md"
+  command -v gnuplot >/dev/null || { echo "gnuplot not installed (scripts/install_deps.sh installs it): no plots"; return 0; }
   for group in "${groups[@]}"; do plot_group "$group"; done
   echo "== $doc: table and plots rebuilt"
+}
+
+# insert_block NAME FILE: replaces the lines between <!-- NAME:begin --> and <!-- NAME:end --> of
+# the doc with FILE.
+insert_block() {
+  awk -v table="$2" -v begin="<!-- $1:begin -->" -v end="<!-- $1:end -->" '
+    $0 == begin { print; while ((getline l < table) > 0) print l; skip = 1; next }
+    $0 == end { skip = 0 }
+    !skip { print }' "$doc" >"$doc.tmp" && mv "$doc.tmp" "$doc"
 }
 
 # plot_group GROUP: docs/results/experiments/GROUP.tokens.png and GROUP.time.png, the validation
@@ -180,7 +219,7 @@ plot_group() {
   done
   [[ $n -gt 0 ]] || return 0
   gnuplot <<GP
-set terminal pngcairo size 900,560
+if (strstrt(GPVAL_TERMINALS, "pngcairo") > 0) { set terminal pngcairo size 900,560 } else { set terminal png size 900,560 }
 set grid
 set key top right
 set ylabel 'validation bits per byte'
