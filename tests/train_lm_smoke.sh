@@ -59,6 +59,9 @@ expect_error "--data FILE is required" --steps 3
 expect_error "cannot open" --data no-such-file.txt
 expect_error "--heads" "${tiny[@]}" --heads 3
 expect_error "--k" "${tiny[@]}" --k 5
+expect_error "runs on the CPU only" "${tiny[@]}" --ffn tied --device cuda
+expect_error "runs on the CPU only" "${tiny[@]}" --ffn samoe --samoe-space output --device cuda
+expect_error "--samoe-space must be one of" "${tiny[@]}" --samoe-space nope
 
 step "train 40 steps"
 "$bin" "${tiny[@]}" --steps 40 --log a.csv --stats s.csv --timing --threads 2 >a.out || fail "training exited with $?"
