@@ -1,7 +1,9 @@
 // train_lm: a byte-level language model trained on any text file, built from the library's
 // Model (embedding → L pre-norm transformer blocks → final norm → head → cross-entropy) with a
 // choice of feed-forward layer: dense, Top-K-activation MLP, sigma-MoE, Switch, S-BASE, SaMoE
-// (a weight-space expert pool shared by all layers) or a product-key memory.
+// (a weight-space expert pool shared by all layers) or a product-key memory, and for the
+// experiments of docs/experiments.md softmax top-K, tied experts (WideNet), PR-MoE's residual
+// expert and shared experts.
 //
 //   train_lm --data data/brown/brown.txt --ffn sigma-moe --minutes 10 --log run.csv --save run.ckpt
 //   train_lm --resume run.ckpt --sample 500 --prompt "The "
@@ -73,8 +75,8 @@ struct usage_error : std::runtime_error {
 };
 
 // New kinds go at the end: checkpoints store the index.
-inline const std::vector<std::string> ffn_kinds = {"dense",       "topk", "sigma-moe", "switch",         "s-base", "samoe",
-                                               "pkm",         "softmax-moe", "tied", "pr-moe", "shared-experts"};
+inline const std::vector<std::string> ffn_kinds = {
+    "dense", "topk", "sigma-moe", "switch", "s-base", "samoe", "pkm", "softmax-moe", "tied", "pr-moe", "shared-experts"};
 inline const std::vector<std::string> samoe_inits = {"member", "uniform"};
 inline const std::vector<std::string> samoe_spaces = {"weight", "output"};
 
@@ -207,7 +209,8 @@ inline std::vector<Flag> make_flags() {
   add("pkm-keys", "N", "pkm: sub-keys per half, N² values (default 45: 2025 values ≈ 2·E·G)",
       i("pkm-keys", &Options::pkm_keys, 1, 46340));
   add("pkm-heads", "H", "pkm: heads (default 4)", i("pkm-heads", &Options::pkm_heads, 1, 1024));
-  add("expert-dropout", "P", "sigma-moe, samoe, softmax-moe, tied, pr-moe, shared-experts: expert dropout rate in training (default 0)",
+  add("expert-dropout", "P",
+      "sigma-moe, samoe, softmax-moe, tied, pr-moe, shared-experts: expert dropout rate in training (default 0)",
       r("expert-dropout", &Options::expert_dropout, 0.0, 0.99));
   add("entropy-coef", "X", "the kinds of --expert-dropout: entropy regularization coefficient (default 0.001)",
       r("entropy-coef", &Options::entropy_coef, 0.0, big));
