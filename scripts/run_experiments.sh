@@ -184,8 +184,20 @@ report() {
   } >"$work/commands.md"
   insert_block table "$table"
   insert_block commands "$work/commands.md"
-  command -v gnuplot >/dev/null || { echo "gnuplot not installed (scripts/install_deps.sh installs it): no plots"; return 0; }
-  for group in "${groups[@]}"; do plot_group "$group"; done
+  command -v gnuplot >/dev/null || echo "gnuplot not installed (scripts/install_deps.sh installs it): SVG plots instead"
+  local images="$work/plots.md" ext img
+  : >"$images"
+  for group in "${groups[@]}"; do
+    plot_group "$group"
+    for ext in png svg; do
+      [[ -f "$results/$group.tokens.$ext" ]] || continue
+      for img in tokens time; do
+        echo "![$group, validation bits/byte against $img](results/experiments/$group.$img.$ext)" >>"$images"
+      done
+      break
+    done
+  done
+  insert_block plots "$images"
   echo "== $doc: table and plots rebuilt"
 }
 
@@ -198,10 +210,51 @@ insert_block() {
     !skip { print }' "$doc" >"$doc.tmp" && mv "$doc.tmp" "$doc"
 }
 
-# plot_group GROUP: docs/results/experiments/GROUP.tokens.png and GROUP.time.png, the validation
-# bits per byte of every run of the group (finished or not) against tokens and against wall time.
+# plot_svg OUT XCOL XLABEL TITLE DAT...: a line chart of column 3 (bits per byte) against column XCOL
+# of each DAT file (one line per file, named by the file), as SVG: the fallback without gnuplot.
+# The y axis spans the lowest value to 1 bit/byte above it, so the first validations do not
+# flatten the end of the curves.
+plot_svg() {
+  local out="$1" xcol="$2" xlabel="$3" title="$4"
+  shift 4
+  awk -v xcol="$xcol" -v xlabel="$xlabel" -v title="$title" '
+    FNR == 1 { f++; name[f] = FILENAME; sub(/.*\//, "", name[f]); sub(/\.dat$/, "", name[f]) }
+    { n[f]++; x[f, n[f]] = $xcol; y[f, n[f]] = $3
+      if (!xmax || $xcol > xmax) xmax = $xcol
+      if (!ymin || $3 < ymin) ymin = $3 }
+    END {
+      W = 900; H = 560; L = 70; R = 220; T = 40; B = 60; ymax = ymin + 1
+      split("#1f77b4 #d62728 #2ca02c #9467bd #ff7f0e #8c564b #e377c2 #7f7f7f #17becf #bcbd22", color, " ")
+      printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", W, H
+      printf "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n<text x=\"%d\" y=\"24\" font-size=\"14\">%s</text>\n", W, H, L, title
+      for (i = 0; i <= 5; ++i) {
+        gx = L + i * (W - L - R) / 5; gy = T + i * (H - T - B) / 5
+        printf "<line x1=\"%g\" y1=\"%d\" x2=\"%g\" y2=\"%d\" stroke=\"#ddd\"/>", gx, T, gx, H - B
+        printf "<text x=\"%g\" y=\"%d\" text-anchor=\"middle\">%.3g</text>\n", gx, H - B + 16, xmax * i / 5
+        printf "<line x1=\"%d\" y1=\"%g\" x2=\"%d\" y2=\"%g\" stroke=\"#ddd\"/>", L, gy, W - R, gy
+        printf "<text x=\"%d\" y=\"%g\" text-anchor=\"end\">%.2f</text>\n", L - 6, gy + 4, ymax - i * (ymax - ymin) / 5
+      }
+      printf "<text x=\"%g\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", (L + W - R) / 2, H - 20, xlabel
+      printf "<text transform=\"translate(18 %g) rotate(-90)\" text-anchor=\"middle\">validation bits per byte</text>\n", (T + H - B) / 2
+      for (k = 1; k <= f; ++k) {
+        c = color[(k - 1) % 10 + 1]; pts = ""
+        for (i = 1; i <= n[k]; ++i) {
+          yy = y[k, i] > ymax ? ymax : y[k, i]
+          pts = pts sprintf("%.1f,%.1f ", L + x[k, i] / xmax * (W - L - R), T + (ymax - yy) / (ymax - ymin) * (H - T - B))
+        }
+        printf "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\" points=\"%s\"/>\n", c, pts
+        printf "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"%s\" stroke-width=\"3\"/>", W - R + 15, T + 16 * k, W - R + 35, T + 16 * k, c
+        printf "<text x=\"%d\" y=\"%d\">%s</text>\n", W - R + 40, T + 16 * k + 4, name[k]
+      }
+      print "</svg>"
+    }' "$@" >"$out"
+}
+
+# plot_group GROUP: docs/results/experiments/GROUP.tokens.png and GROUP.time.png (with gnuplot; else
+# GROUP.tokens.svg and GROUP.time.svg), the validation bits per byte of every run of the group
+# (finished or not) against tokens and against wall time.
 plot_group() {
-  local group="$1" r name csv dat plots_tokens="" plots_time="" n=0
+  local group="$1" r name csv dat plots_tokens="" plots_time="" n=0 dats=()
   mkdir -p "$work/plot"
   for r in "${rows[@]}"; do
     IFS='|' read -r -a f <<<"$r"
@@ -214,16 +267,23 @@ plot_group() {
       [[ -s "$dat" ]] || continue
       plots_tokens+="${plots_tokens:+, }'$dat' using 1:3 with linespoints title '$name'"
       plots_time+="${plots_time:+, }'$dat' using 2:3 with linespoints title '$name'"
+      dats+=("$dat")
       n=$((n + 1))
     done
   done
   [[ $n -gt 0 ]] || return 0
+  local title="$group: validation bits/byte (Brown, d 128, context 128, batch 16)"
+  if ! command -v gnuplot >/dev/null; then
+    plot_svg "$results/$group.tokens.svg" 1 "training tokens" "$title" "${dats[@]}"
+    plot_svg "$results/$group.time.svg" 2 "training wall time, s (shared machine, 1 thread)" "$title" "${dats[@]}"
+    return 0
+  fi
   gnuplot <<GP
 if (strstrt(GPVAL_TERMINALS, "pngcairo") > 0) { set terminal pngcairo size 900,560 } else { set terminal png size 900,560 }
 set grid
 set key top right
 set ylabel 'validation bits per byte'
-set title '$group: validation bits/byte (Brown, d 128, context 128, batch 16)'
+set title '$title'
 set output '$results/$group.tokens.png'
 set xlabel 'training tokens'
 plot $plots_tokens
