@@ -69,7 +69,7 @@ rows=(
   "scale-sigma-e16|sigma-scaling|1|timing: sigma-MoE E 16, 300 steps|--ffn sigma-moe --experts 16 --steps 300"
   "scale-sigma-e32|sigma-scaling|1|timing: sigma-MoE E 32, 300 steps|--ffn sigma-moe --experts 32 --steps 300"
   "scale-sigma-e64|sigma-scaling|1|timing: sigma-MoE E 64, 300 steps|--ffn sigma-moe --experts 64 --steps 300"
-  "scale-dense-e8|sigma-scaling|1|timing: dense with the parameters of E 8 (d_ff 520), 300 steps|--ffn dense --experts 8 --steps 300"
+  "scale-dense-e8|sigma-scaling|1|timing: dense with the parameters of E 8 (d_ff 516), 300 steps|--ffn dense --experts 8 --steps 300"
   "scale-dense-e16|sigma-scaling|1|timing: dense with the parameters of E 16 (d_ff 1032), 300 steps|--ffn dense --experts 16 --steps 300"
   "scale-dense-e32|sigma-scaling|1|timing: dense with the parameters of E 32 (d_ff 2064), 300 steps|--ffn dense --experts 32 --steps 300"
   "scale-dense-e64|sigma-scaling|1|timing: dense with the parameters of E 64 (d_ff 4128), 300 steps|--ffn dense --experts 64 --steps 300"
