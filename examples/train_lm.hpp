@@ -1,7 +1,9 @@
 // train_lm: a byte-level language model trained on any text file, built from the library's
 // Model (embedding → L pre-norm transformer blocks → final norm → head → cross-entropy) with a
 // choice of feed-forward layer: dense, Top-K-activation MLP, sigma-MoE, Switch, S-BASE, SaMoE
-// (a weight-space expert pool shared by all layers) or a product-key memory.
+// (a weight-space expert pool shared by all layers) or a product-key memory, and for the
+// experiments of docs/experiments.md softmax top-K, tied experts (WideNet), PR-MoE's residual
+// expert and shared experts.
 //
 //   train_lm --data data/brown/brown.txt --ffn sigma-moe --minutes 10 --log run.csv --save run.ckpt
 //   train_lm --resume run.ckpt --sample 500 --prompt "The "
@@ -72,8 +74,11 @@ struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-inline const std::vector<std::string> ffn_kinds = {"dense", "topk", "sigma-moe", "switch", "s-base", "samoe", "pkm"};
+// New kinds go at the end: checkpoints store the index.
+inline const std::vector<std::string> ffn_kinds = {
+    "dense", "topk", "sigma-moe", "switch", "s-base", "samoe", "pkm", "softmax-moe", "tied", "pr-moe", "shared-experts"};
 inline const std::vector<std::string> samoe_inits = {"member", "uniform"};
+inline const std::vector<std::string> samoe_spaces = {"weight", "output"};
 
 struct Options {
   // data
@@ -86,7 +91,8 @@ struct Options {
   std::int64_t d_ff = 0, active = 0, members = 2, pkm_keys = 45, pkm_heads = 4;
   double expert_dropout = 0, entropy_coef = 0.001, switch_coef = 0.01, capacity_factor = 0;
   bool tie_embeddings = false;
-  std::string samoe_init = "member";
+  std::string samoe_init = "member", samoe_space = "weight";
+  bool softmax_renorm = false;
   // training
   std::int64_t batch = 16, accum = 1, steps = 2000, warmup = -1;
   double minutes = 0, lr = 3e-3, min_lr = -1, weight_decay = 0.01, clip = 1.0;
@@ -176,7 +182,8 @@ inline std::vector<Flag> make_flags() {
 
   group = "Model";
   add("ffn", "KIND",
-      "feed-forward layer: dense, topk, sigma-moe, switch, s-base, samoe, pkm (default sigma-moe; see below)",
+      "feed-forward layer: dense, topk, sigma-moe, switch, s-base, samoe, pkm, softmax-moe, tied, pr-moe, "
+      "shared-experts (default sigma-moe; see below)",
       [](Options& o, const std::string& v) { o.ffn = one_of("ffn", v, ffn_kinds); });
   add("d-model", "N", "model width d (default 128)", i("d-model", &Options::d_model, 2, 1 << 16));
   add("layers", "N", "transformer blocks L (default 4)", i("layers", &Options::layers, 1, 1024));
@@ -194,12 +201,18 @@ inline std::vector<Flag> make_flags() {
   add("members", "M", "samoe: pool members shared by all layers (default 2)", i("members", &Options::members, 1, 1024));
   add("samoe-init", "INIT", "samoe: member (layer l starts near member l mod M, default) or uniform",
       [](Options& o, const std::string& v) { o.samoe_init = one_of("samoe-init", v, samoe_inits); });
+  add("samoe-space", "SPACE",
+      "samoe: weight (combine the members' weights, default) or output (combine the M members' outputs)",
+      [](Options& o, const std::string& v) { o.samoe_space = one_of("samoe-space", v, samoe_spaces); });
+  add("softmax-renorm", "", "softmax-moe: softmax over the K selected logits (default: over all E, no renormalization)",
+      b(&Options::softmax_renorm));
   add("pkm-keys", "N", "pkm: sub-keys per half, N² values (default 45: 2025 values ≈ 2·E·G)",
       i("pkm-keys", &Options::pkm_keys, 1, 46340));
   add("pkm-heads", "H", "pkm: heads (default 4)", i("pkm-heads", &Options::pkm_heads, 1, 1024));
-  add("expert-dropout", "P", "sigma-moe/samoe: expert dropout rate during training (default 0)",
+  add("expert-dropout", "P",
+      "sigma-moe, samoe, softmax-moe, tied, pr-moe, shared-experts: expert dropout rate in training (default 0)",
       r("expert-dropout", &Options::expert_dropout, 0.0, 0.99));
-  add("entropy-coef", "X", "sigma-moe/samoe: entropy regularization coefficient (default 0.001)",
+  add("entropy-coef", "X", "the kinds of --expert-dropout: entropy regularization coefficient (default 0.001)",
       r("entropy-coef", &Options::entropy_coef, 0.0, big));
   add("switch-coef", "X", "switch: load-balancing loss coefficient (default 0.01)",
       r("switch-coef", &Options::switch_coef, 0.0, big));
@@ -282,6 +295,15 @@ inline void print_help(std::ostream& out, const std::vector<Flag>& flags) {
          "  s-base     Sinkhorn-balanced selection, sigmoid gates (Clark et al. 2022); sigma-moe's sizes\n"
          "  samoe      sigma-moe routing over a weight-space SaMoE pool of M = 2 members shared by all layers\n"
          "  pkm        product-key memory, ReLU gates: 45² = 2025 values, 4 heads, K = 32 per head\n"
+         "  softmax-moe  sigma-moe with softmax gates: over all E experts, or over the K selected ones with\n"
+         "             --softmax-renorm (the sigma-MoE paper's softmax baselines); sigma-moe's sizes\n"
+         "  tied       WideNet (Xue et al. 2022): one set of E experts shared by all layers, per-layer\n"
+         "             sigma-moe routers; sigma-moe's sizes\n"
+         "  pr-moe     PR-MoE's residual (Rajbhandari et al. 2022): sigma-moe routing over K = 3 of E experts\n"
+         "             plus a dense MLP of G units that every token uses, mixed by a learned softmax\n"
+         "  shared-experts  DeepSeekMoE: sigma-moe routing over K = 3 of E experts plus 1 shared expert of\n"
+         "             G units added ungated; pr-moe and shared-experts have sigma-moe's active size\n"
+         "CPU only (--device cpu): softmax-moe, tied, pr-moe, shared-experts and samoe --samoe-space output.\n"
          "The small expert count keeps each expert's GEMM large enough to run near full speed on a CPU\n"
          "at batch 16 × 128 tokens (about 500 tokens per expert per step), and K·G = E·G/4 gives a\n"
          "quarter of the FFN FLOPs of the parameter-matched dense model.\n"
@@ -303,6 +325,7 @@ struct Persisted {
   std::function<std::uint64_t(const Options&)> get;
   std::function<void(Options&, std::uint64_t)> set;
   std::function<std::string(std::uint64_t)> show;
+  bool optional = false;  // added after checkpoints without it existed: absent means the default
 };
 
 inline std::vector<Persisted> persisted_settings() {
@@ -349,6 +372,12 @@ inline std::vector<Persisted> persisted_settings() {
   e("arch.samoe_init", "samoe-init", true, &Options::samoe_init, &samoe_inits);
   i("arch.pkm_keys", "pkm-keys", true, &Options::pkm_keys);
   i("arch.pkm_heads", "pkm-heads", true, &Options::pkm_heads);
+  e("arch.samoe_space", "samoe-space", true, &Options::samoe_space, &samoe_spaces);
+  p.back().optional = true;
+  p.push_back({"arch.softmax_renorm", "softmax-renorm", true,
+               [](const Options& o) { return std::uint64_t(o.softmax_renorm); },
+               [](Options& o, std::uint64_t v) { o.softmax_renorm = v != 0; },
+               [](std::uint64_t v) { return std::string(v ? "on" : "off"); }, true});
   r("arch.expert_dropout", "expert-dropout", true, &Options::expert_dropout);
   r("arch.entropy_coef", "entropy-coef", true, &Options::entropy_coef);
   r("arch.switch_coef", "switch-coef", true, &Options::switch_coef);
@@ -393,9 +422,9 @@ inline void apply_checkpoint_settings(const std::string& path, Options& o, bool 
   const auto& meta = file.metadata();
   for (const Persisted& s : persisted_settings()) {
     const auto it = meta.find("counter." + s.key);
-    if (it == meta.end())
+    if (it == meta.end() && !s.optional)
       throw smoe::error("'" + path + "' is not a train_lm checkpoint: it has no counter '" + s.key + "'");
-    const std::uint64_t saved = parse_counter_text(s.key, it->second);
+    const std::uint64_t saved = it == meta.end() ? s.get(Options{}) : parse_counter_text(s.key, it->second);
     if (!o.has(s.flag)) {
       s.set(o, saved);
     } else if (s.get(o) != saved) {
@@ -414,7 +443,8 @@ inline void resolve(Options& o) {
   const bool sw = o.ffn == "switch", pkm = o.ffn == "pkm";
   if (o.experts == 0) o.experts = sw ? 4 : 16;
   if (o.expert_size == 0) o.expert_size = sw ? 256 : 64;
-  if (o.k == 0) o.k = pkm ? 32 : sw ? 1 : 4;
+  const bool plus_one = o.ffn == "pr-moe" || o.ffn == "shared-experts";  // + 1 always-on expert of G units
+  if (o.k == 0) o.k = pkm ? 32 : sw ? 1 : plus_one ? 3 : 4;
   if (o.d_ff == 0) {
     // dense/topk: as many parameters as the sigma-moe layer with these E, G (router E·d + experts 2·E·G·d).
     const std::int64_t sigma = o.experts * o.d_model + 2 * o.experts * o.expert_size * o.d_model;
@@ -429,7 +459,7 @@ inline void resolve(Options& o) {
   if (o.d_model % o.heads != 0 || (o.d_model / o.heads) % 2 != 0)
     bad("--heads " + std::to_string(o.heads) + " must divide --d-model " + std::to_string(o.d_model) +
         " into an even head size (RoPE pairs dimensions)");
-  const bool moe = o.ffn == "sigma-moe" || o.ffn == "switch" || o.ffn == "s-base" || o.ffn == "samoe";
+  const bool moe = o.ffn != "dense" && o.ffn != "topk" && !pkm;
   if (moe && o.k > o.experts) bad("--k " + std::to_string(o.k) + " must be <= --experts " + std::to_string(o.experts));
   if (pkm && o.k > o.pkm_keys)
     bad("--k " + std::to_string(o.k) + " (values per head) must be <= --pkm-keys " + std::to_string(o.pkm_keys));
@@ -437,6 +467,11 @@ inline void resolve(Options& o) {
   if (o.ffn == "topk" && o.active > o.d_ff)
     bad("--active " + std::to_string(o.active) + " must be <= --d-ff " + std::to_string(o.d_ff));
   if (o.min_lr > o.lr) bad("--min-lr must be <= --lr");
+  const bool cpu_only = o.ffn == "softmax-moe" || o.ffn == "tied" || plus_one ||
+                        (o.ffn == "samoe" && o.samoe_space == "output");
+  if (o.device == "cuda" && cpu_only)
+    bad("--ffn " + o.ffn + (o.ffn == "samoe" ? " --samoe-space output" : "") +
+        " runs on the CPU only (train_lm's CUDA build instantiates the original kinds)");
   if (o.device == "cuda" && o.timing)
     bad("--timing times the CPU run's parts; on --device cuda the work is asynchronous (time the whole run instead)");
   if (o.steps != unlimited && o.warmup > o.steps)
@@ -598,9 +633,10 @@ struct SBaseKind {
   static void init(FFN& f, Shared&, const Options& o, index_t l) { smoe::sigma_moe_init(f, ffn_init(o, l)); }
 };
 
-template <class B>
-struct SaMoEKind {
-  using Experts = smoe::SaMoEExperts<T, smoe::Relu, smoe::WeightSpace, B>;
+// Space: smoe::WeightSpace (--samoe-space weight) or smoe::OutputSpace (output; CPU only).
+template <class B, class Space>
+struct SaMoESpaceKind {
+  using Experts = smoe::SaMoEExperts<T, smoe::Relu, Space, B>;
   using FFN = MoELayer<B, smoe::SigmoidTopK<T, B>, Experts, smoe::EntropyLoss<T, B>>;
   using Shared = smoe::ExpertPool<T, smoe::Relu, B>;
   static Shared make_shared(const Options& o) {
@@ -626,6 +662,11 @@ struct SaMoEKind {
 };
 
 template <class B>
+using SaMoEKind = SaMoESpaceKind<B, smoe::WeightSpace>;
+template <class B>
+using SaMoEOutputKind = SaMoESpaceKind<B, smoe::OutputSpace>;
+
+template <class B>
 struct PkmKind {
   using FFN = MoELayer<B, smoe::ProductKeyRouter<T, B>, smoe::ValueExperts<T, B>>;
   using Shared = smoe::NoShared;
@@ -635,6 +676,103 @@ struct PkmKind {
                smoe::ValueExperts<T, B>({.d_model = o.d_model, .values = o.pkm_keys * o.pkm_keys}));
   }
   static void init(FFN& f, Shared&, const Options& o, index_t l) { smoe::pkm_init(f, ffn_init(o, l)); }
+};
+
+// The sigma-MoE paper's softmax baselines: sigma-moe's router, experts, entropy regularization and
+// expert dropout with softmax gates, renormalized over the K selected logits or not.
+template <class B>
+struct SoftmaxMoEKind {
+  using Router = smoe::SoftmaxTopK<T, B>;
+  using FFN = MoELayer<B, Router, smoe::ReluExperts<T, B>, smoe::EntropyLoss<T, B>>;
+  using Shared = smoe::NoShared;
+  static Shared make_shared(const Options&) { return {}; }
+  static FFN make_ffn(const Options& o, index_t l, Shared&) {
+    FFN f(Router({.d_model = o.d_model, .experts = o.experts, .k = o.k, .expert_dropout = dropout(o, l)},
+                 smoe::SoftmaxGate{.renormalize = o.softmax_renorm}),
+          smoe::ReluExperts<T, B>({.d_model = o.d_model, .experts = o.experts, .hidden = o.expert_size}), {},
+          smoe::EntropyLoss<T, B>(o.entropy_coef));
+    f.capacity.capacity_factor = o.capacity_factor;
+    return f;
+  }
+  static void init(FFN& f, Shared&, const Options& o, index_t l) { smoe::sigma_moe_init(f, ffn_init(o, l)); }
+};
+
+// The sigma-MoE router of layer l, initialized as sigma_moe_init does (rows renormalized), for the
+// kinds whose experts are not the layer's own.
+template <class Router>
+void init_sigma_router(Router& router, const Options& o, index_t l) {
+  const smoe::InitOptions io = ffn_init(o, l);
+  smoe::fill_normal(router.weight().value, io.scale / std::sqrt(double(o.d_model)), io.seed, 0);
+  smoe::renormalize_rows_keep_std(router.weight().value.matrix());
+}
+
+// WideNet: one set of E experts that every layer uses (the model owns it, "experts.…"), a sigma-MoE
+// router per layer. The set has one layer's expert parameters: L times fewer than sigma-moe.
+template <class B>
+struct TiedKind {
+  using Experts = smoe::TiedExperts<T, smoe::Relu, B>;
+  using FFN = MoELayer<B, smoe::SigmoidTopK<T, B>, Experts, smoe::EntropyLoss<T, B>>;
+  using Shared = smoe::FeedForwardExperts<T, smoe::Relu, B>;
+  static Shared make_shared(const Options& o) {
+    return Shared({.d_model = o.d_model, .experts = o.experts, .hidden = o.expert_size});
+  }
+  static FFN make_ffn(const Options& o, index_t l, Shared& set) {
+    FFN f(smoe::SigmoidTopK<T, B>({.d_model = o.d_model, .experts = o.experts, .k = o.k, .expert_dropout = dropout(o, l)}),
+          Experts(set), {}, smoe::EntropyLoss<T, B>(o.entropy_coef));
+    f.capacity.capacity_factor = o.capacity_factor;
+    return f;
+  }
+  static void init(FFN& f, Shared&, const Options& o, index_t l) { init_sigma_router(f.router(), o, l); }
+  // The set as sigma_moe_init initializes one layer's experts.
+  static void init_pool(Shared& set, const Options& o) {
+    const std::uint64_t seed = mix_seed(std::uint64_t(o.seed), 998);
+    const double d = double(o.d_model), dff = double(o.experts * o.expert_size);
+    smoe::fill_normal(set.w1().value, init_scale(o) / std::sqrt(d), seed, 1);
+    smoe::fill_normal(set.w2().value, init_scale(o) / std::sqrt(dff), seed, 2);
+  }
+};
+
+// PR-MoE's residual expert around a sigma-MoE layer: y = c0·MoE(x) + c1·MLP(x), MLP of G units (the
+// pyramid half of PR-MoE, more experts in later layers, is not a train_lm kind: every layer of a
+// Model has the same configuration). K defaults to 3, so K·G + G equals sigma-moe's K·G.
+template <class B>
+struct PrMoEKind {
+  using FFN = smoe::ResidualMoE<typename SigmaKind<B>::FFN, smoe::Relu>;
+  using Shared = smoe::NoShared;
+  static Shared make_shared(const Options&) { return {}; }
+  static FFN make_ffn(const Options& o, index_t l, Shared& none) {
+    return FFN(SigmaKind<B>::make_ffn(o, l, none), {.hidden = o.expert_size});
+  }
+  // The inner layer as sigma-moe; the residual MLP with sigma-MoE's W1 std and W2 std = scale·(E·G)^-1/2
+  // (the same as an expert's); the mixing weights 0: the two halves start mixed evenly.
+  static void init(FFN& f, Shared& none, const Options& o, index_t l) {
+    SigmaKind<B>::init(f.moe(), none, o, l);
+    const smoe::InitOptions io = ffn_init(o, l);
+    const double d = double(o.d_model), dff = double(o.experts * o.expert_size);
+    smoe::fill_normal(f.residual().w1().value, io.scale / std::sqrt(d), io.seed, 3);
+    smoe::fill_normal(f.residual().w2().value, io.scale / std::sqrt(dff), io.seed, 4);
+    f.mix().value.zero();
+  }
+};
+
+// DeepSeekMoE's shared experts around a sigma-MoE layer: y = MoE(x) + FFN_shared(x), one shared
+// expert of G units. K defaults to 3, so K·G + G equals sigma-moe's K·G.
+template <class B>
+struct SharedExpertsKind {
+  using FFN = smoe::SharedExpertsMoE<typename SigmaKind<B>::FFN, smoe::Relu>;
+  using Shared = smoe::NoShared;
+  static Shared make_shared(const Options&) { return {}; }
+  static FFN make_ffn(const Options& o, index_t l, Shared& none) {
+    return FFN(SigmaKind<B>::make_ffn(o, l, none), {.experts = 1, .hidden = o.expert_size});
+  }
+  // The inner layer as sigma-moe; the shared expert with an expert's init.
+  static void init(FFN& f, Shared& none, const Options& o, index_t l) {
+    SigmaKind<B>::init(f.moe(), none, o, l);
+    const smoe::InitOptions io = ffn_init(o, l);
+    const double d = double(o.d_model), dff = double(o.experts * o.expert_size);
+    smoe::fill_normal(f.shared().w1().value, io.scale / std::sqrt(d), io.seed, 3);
+    smoe::fill_normal(f.shared().w2().value, io.scale / std::sqrt(dff), io.seed, 4);
+  }
 };
 
 template <class Kind, class B = smoe::backend_of_t<typename Kind::FFN>>
@@ -685,6 +823,7 @@ void prepare(Model& model) {
   if constexpr (requires(Model & m) { m.block(0).ffn().experts().freeze(); })
     for (index_t l = 0; l < model.layers(); ++l) model.block(l).ffn().experts().freeze();
 }
+
 
 inline bool is_moe(const std::string& ffn) { return ffn != "dense" && ffn != "topk"; }
 
@@ -1235,7 +1374,11 @@ class Run {
                 << " heads, K " << o_.k;
     else if (is_moe(o_.ffn))
       std::cout << ", E " << o_.experts << ", G " << o_.expert_size << ", K " << o_.k;
-    if (o_.ffn == "samoe") std::cout << ", pool of M " << o_.members << " (" << o_.samoe_init << " init)";
+    if (o_.ffn == "samoe")
+      std::cout << ", pool of M " << o_.members << " (" << o_.samoe_init << " init, " << o_.samoe_space << " space)";
+    if (o_.ffn == "softmax-moe") std::cout << (o_.softmax_renorm ? ", softmax over the K" : ", softmax over all E");
+    if (o_.ffn == "pr-moe") std::cout << ", + residual MLP of " << o_.expert_size;
+    if (o_.ffn == "shared-experts") std::cout << ", + 1 shared expert of " << o_.expert_size;
     std::cout << "\n";
     std::cout << "parameters: " << thousands(double(m.total_parameters())) << " total, " << thousands(active)
               << " active per token; forward " << fmt("%.3f", flops * 1e-6) << " MFLOP/token\n";
@@ -1302,8 +1445,18 @@ int dispatch(Options& o) {
   if (o.ffn == "sigma-moe") return run_kind<SigmaKind, B>(o);
   if (o.ffn == "switch") return run_kind<SwitchKind, B>(o);
   if (o.ffn == "s-base") return run_kind<SBaseKind, B>(o);
-  if (o.ffn == "samoe") return run_kind<SaMoEKind, B>(o);
-  return run_kind<PkmKind, B>(o);
+  if (o.ffn == "samoe" && o.samoe_space == "weight") return run_kind<SaMoEKind, B>(o);
+  if (o.ffn == "pkm") return run_kind<PkmKind, B>(o);
+  // The kinds added for the experiments (docs/experiments.md) run on the CPU only (resolve refuses
+  // them on cuda), so the CUDA build does not instantiate them.
+  if constexpr (std::is_same_v<B, smoe::cpu>) {
+    if (o.ffn == "samoe") return run_kind<SaMoEOutputKind, B>(o);
+    if (o.ffn == "softmax-moe") return run_kind<SoftmaxMoEKind, B>(o);
+    if (o.ffn == "tied") return run_kind<TiedKind, B>(o);
+    if (o.ffn == "pr-moe") return run_kind<PrMoEKind, B>(o);
+    if (o.ffn == "shared-experts") return run_kind<SharedExpertsKind, B>(o);
+  }
+  throw usage_error("--ffn " + o.ffn + " runs on the CPU only");
 }
 
 // dispatch<smoe::cuda>, where train_lm is built with the CUDA backend (train_lm_cuda.cpp, by nvcc

@@ -18,6 +18,8 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=train_lm_lib.sh
+source "$repo/scripts/train_lm_lib.sh"
 minutes=10
 threads=2
 data="$repo/data/brown/brown.txt"
@@ -42,16 +44,7 @@ while [[ $# -gt 0 ]]; do
 done
 results="${results:-$build/results}"
 
-if [[ -z "${TRAIN_LM:-}" ]]; then
-  echo "== building train_lm in $build"
-  # Native code for the machine that runs it; NDEBUG turns the NaN/Inf input scans off. GCC 12
-  # reports false maybe-uninitialized warnings inside Eigen's AVX-512 kernels at -O3 (as in bench/).
-  cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release \
-        "-DCMAKE_CXX_FLAGS_RELEASE=-O3 -march=native -DNDEBUG -Wno-maybe-uninitialized" \
-        -DSMOE_BUILD_TESTS=OFF -DSMOE_BUILD_BENCH=OFF >/dev/null
-  cmake --build "$build" --target train_lm -j"$threads" >/dev/null
-  TRAIN_LM="$build/examples/train_lm"
-fi
+build_train_lm "$repo" "$build" "$threads"
 [[ -x "$TRAIN_LM" ]] || die "no train_lm binary at '$TRAIN_LM'"
 if [[ ! -f "$data" ]]; then
   [[ "$data" == "$repo/data/brown/brown.txt" ]] || die "no data file '$data'"
@@ -70,17 +63,14 @@ for ffn in sigma-moe dense; do
   "$TRAIN_LM" "${args[@]}" "${extra[@]}" | tee "$results/$ffn.out"
 done
 
-field() {  # field NAME FILE: the value of NAME=... on the "final:" line
-  sed -n 's/^final: .*\<'"$1"'=\([^ ]*\).*/\1/p' "$2" | tail -n 1
-}
 table="$results/table.md"
 {
   echo "| FFN | parameters | active per token | training time | steps | tokens/s | final val bits/byte |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
   for ffn in sigma-moe dense; do
     out="$results/$ffn.out"
-    printf '| %s | %s | %s | %s s | %s | %s | %s |\n' "$ffn" "$(field parameters "$out")" "$(field active_per_token "$out")" \
-      "$(field train_s "$out")" "$(field steps "$out")" "$(field tokens_per_s "$out")" "$(field val_bpb "$out")"
+    printf '| %s | %s | %s | %s s | %s | %s | %s |\n' "$ffn" "$(final_field parameters "$out")" "$(final_field active_per_token "$out")" \
+      "$(final_field train_s "$out")" "$(final_field steps "$out")" "$(final_field tokens_per_s "$out")" "$(final_field val_bpb "$out")"
   done
 } >"$table"
 echo

@@ -8,10 +8,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <numeric>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "catch.hpp"
@@ -957,3 +959,25 @@ TEST_CASE("pool stacks give bitwise identical results for any thread count", "[p
   SECTION("shared") { check(shared_stack<float, Gelu>(s)); }
 }
 #endif
+
+// A checkpoint of a composite must hold its inner router's step counter, or a router with expert
+// dropout would not resume on the same random sequence (train_lm --ffn pr-moe / shared-experts).
+TEST_CASE("ResidualMoE and SharedExpertsMoE visit the inner layer's counters under the inner names", "[pools]") {
+  Spec s;
+  using Inner = Layer<double, FeedForwardExperts<double, Relu>>;
+  ResidualMoE<Inner> residual(make_layer<double>(s, 0, own_experts<double, Relu>(s, 0)), {.hidden = 2});
+  SharedExpertsMoE<Inner> shared(make_layer<double>(s, 0, own_experts<double, Relu>(s, 0)), {.experts = 1, .hidden = 2});
+  auto counters = [](auto& layer) {
+    std::map<std::string, std::uint64_t*> c;
+    for_each_counter_of(layer, [&](std::string_view name, std::uint64_t& v) { c[std::string(name)] = &v; });
+    return c;
+  };
+  const auto inner_residual = counters(residual.moe()), inner_shared = counters(shared.moe());
+  REQUIRE(inner_residual.count("router.step") == 1);
+  CHECK(counters(residual) == inner_residual);  // the same names and the same objects
+  CHECK(counters(shared) == inner_shared);
+  std::size_t buffers = 0, inner_buffers = 0;
+  for_each_buffer_of(residual, [&](std::string_view, auto&) { ++buffers; });
+  for_each_buffer_of(residual.moe(), [&](std::string_view, auto&) { ++inner_buffers; });
+  CHECK(buffers == inner_buffers);
+}

@@ -3,7 +3,9 @@
 # text. Checks --help lists every required flag, bad flags and values fail with a message, the CSV
 # log has its header and one row per step with validation where evaluated, the loss decreases,
 # --stop-at/--save then --resume reproduces the uninterrupted run's losses exactly (on another
-# thread count), --sample generates text, the expert-usage CSV, every FFN kind trains, and
+# thread count), --sample generates text, the expert-usage CSV, every FFN kind (and the variants
+# --softmax-renorm, --samoe-space output) trains and resumes exactly, the kinds added for
+# docs/experiments.md learn, and
 # --minutes stops on the clock.
 #
 #   tests/train_lm_smoke.sh path/to/train_lm WORK_DIR
@@ -36,7 +38,7 @@ for f in data ffn d-model layers heads context batch steps lr seed threads log s
          temperature top-k prompt stop-at device; do
   grep -q -- "--$f\b" help.txt || fail "--help does not list --$f"
 done
-for kind in dense topk sigma-moe switch s-base samoe pkm; do
+for kind in dense topk sigma-moe switch s-base samoe pkm softmax-moe tied pr-moe shared-experts; do
   grep -q -- "$kind" help.txt || fail "--help does not name the FFN kind $kind"
 done
 
@@ -57,6 +59,9 @@ expect_error "--data FILE is required" --steps 3
 expect_error "cannot open" --data no-such-file.txt
 expect_error "--heads" "${tiny[@]}" --heads 3
 expect_error "--k" "${tiny[@]}" --k 5
+expect_error "runs on the CPU only" "${tiny[@]}" --ffn tied --device cuda
+expect_error "runs on the CPU only" "${tiny[@]}" --ffn samoe --samoe-space output --device cuda
+expect_error "--samoe-space must be one of" "${tiny[@]}" --samoe-space nope
 
 step "train 40 steps"
 "$bin" "${tiny[@]}" --steps 40 --log a.csv --stats s.csv --timing --threads 2 >a.out || fail "training exited with $?"
@@ -110,13 +115,33 @@ cmp -s sample.txt sample2.txt || fail "sampling with the same seed is not reprod
 expect_error "--sample: no checkpoint" --resume missing.safetensors --sample 10
 
 step "every FFN kind trains, with gradient accumulation, and resumes exactly"
-for kind in dense topk sigma-moe switch s-base samoe pkm; do
-  kind_args=("${tiny[@]}" --ffn "$kind" --pkm-keys 6 --members 2 --expert-dropout 0.1 --steps 6 --accum 2 --eval-every 3)
+# A variant is KIND or KIND:FLAG (a switch that selects a variant of the kind, persisted in the checkpoint).
+for variant in dense topk sigma-moe switch s-base samoe pkm softmax-moe softmax-moe:--softmax-renorm \
+               samoe:--samoe-space=output tied pr-moe shared-experts; do
+  kind="${variant//[:=]/_}"
+  kind_args=("${tiny[@]}" --ffn "${variant%%:*}" --pkm-keys 6 --members 2 --expert-dropout 0.1 --steps 6 --accum 2
+             --eval-every 3)
+  [[ "$variant" == *:* ]] && { flag="${variant#*:}"; kind_args+=(${flag/=/ }); }
   "$bin" "${kind_args[@]}" --log "k_$kind.csv" >"k_$kind.out" || fail "--ffn $kind exited with $?"
   [[ $(($(wc -l <"k_$kind.csv") - 1)) -eq 6 ]] || fail "--ffn $kind: expected 6 log rows"
   "$bin" "${kind_args[@]}" --stop-at 3 --save "k_$kind.ckpt" --log "r_$kind.csv" >/dev/null || fail "--ffn $kind --stop-at failed"
   "$bin" --data text.txt --resume "k_$kind.ckpt" --log "r_$kind.csv" >/dev/null || fail "--ffn $kind --resume failed"
   cmp -s <(cut -d, -f1-10 "k_$kind.csv") <(cut -d, -f1-10 "r_$kind.csv") || fail "--ffn $kind: the resumed run differs"
+done
+grep -q "softmax over the K" k_softmax-moe_--softmax-renorm.out || fail "--softmax-renorm is not in the header"
+grep -q "output space" k_samoe_--samoe-space_output.out || fail "--samoe-space output is not in the header"
+
+step "the kinds added for docs/experiments.md learn: finite losses that decrease over 40 steps"
+for variant in softmax-moe softmax-moe:--softmax-renorm samoe:--samoe-space=output tied pr-moe shared-experts; do
+  kind="${variant//[:=]/_}"
+  args=("${tiny[@]}" --ffn "${variant%%:*}" --expert-dropout 0.1 --steps 40 --log "l_$kind.csv")
+  [[ "$variant" == *:* ]] && { flag="${variant#*:}"; args+=(${flag/=/ }); }
+  "$bin" "${args[@]}" >"l_$kind.out" || fail "--ffn $variant exited with $?"
+  col train_loss "l_$kind.csv" | awk '{ v[NR] = $1 } END {
+    for (i = 1; i <= NR; ++i) if (!(v[i] + 0 == v[i] + 0 && v[i] < 1e30)) { print "non-finite loss " v[i]; exit 1 }
+    for (i = 1; i <= 5; ++i) { a += v[i]; b += v[NR - 5 + i] }
+    if (!(b / 5 < a / 5 - 0.3)) { printf "loss did not decrease: first 5 %.3f, last 5 %.3f\n", a / 5, b / 5; exit 1 }
+  }' || fail "--ffn $variant does not learn"
 done
 grep -q "parameters of the sigma-moe configuration" k_dense.out || fail "dense does not print the sigma-moe parameter count"
 

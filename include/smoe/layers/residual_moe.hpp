@@ -24,6 +24,7 @@
 #include <cmath>
 #include <string_view>
 
+#include "smoe/core/buffer.hpp"
 #include "smoe/core/parameter.hpp"
 #include "smoe/cpu/parallel.hpp"
 #include "smoe/experts/expert_pool.hpp"
@@ -79,6 +80,17 @@ class ResidualMoE {
     mlp_.for_each_parameter(with_prefix("residual.", f));
     f(std::string_view("residual.mix"), mix_);
     if (config_.mix_bias) f(std::string_view("residual.mix_bias"), mix_bias_);
+  }
+
+  // The inner layer's buffers and counters (a router's expert-dropout step) under their own names,
+  // so that a checkpoint of the composite resumes the same random sequence.
+  template <class F>
+  void for_each_buffer(F&& f) {
+    for_each_buffer_of(moe_, f);
+  }
+  template <class F>
+  void for_each_counter(F&& f) {
+    for_each_counter_of(moe_, f);
   }
 
   MoEOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, Mode mode = Mode::eval) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "smoe/core/buffer.hpp"
 #include "smoe/core/dispatch.hpp"
 #include "smoe/core/parameter.hpp"
 #include "smoe/cpu/parallel.hpp"
@@ -74,6 +75,17 @@ class SharedExpertsMoE {
     for_each_layer_parameter(moe_, f);
     shared_.for_each_parameter(with_prefix("shared.", f));
     if (config_.sigmoid_gate) f(std::string_view("shared_gate"), shared_gate_);
+  }
+
+  // The inner layer's buffers and counters (a router's expert-dropout step) under their own names,
+  // so that a checkpoint of the composite resumes the same random sequence.
+  template <class F>
+  void for_each_buffer(F&& f) {
+    for_each_buffer_of(moe_, f);
+  }
+  template <class F>
+  void for_each_counter(F&& f) {
+    for_each_counter_of(moe_, f);
   }
 
   MoEOutput<T> forward(ConstMatrixView<T> x, MatrixView<T> y, Mode mode = Mode::eval) {
