@@ -69,13 +69,13 @@ struct ModelConfig {
   }
 };
 
-// The routing statistics of block `layer`'s feed-forward layer.
 // Which rows Model::forward_cached computes logits for.
 enum class CachedLogits {
   all,  // every new token: [B·n, V]
   last  // each sequence's last new token: [B, V] (generation)
 };
 
+// The routing statistics of block `layer`'s feed-forward layer.
 struct LayerRoutingStats {
   index_t layer = 0;
   RoutingStats stats;
@@ -294,8 +294,6 @@ class Model {
     return forward_impl<std::int64_t, std::int64_t>(ids, nullptr, sequences, mode);
   }
 
-  // Accumulates the gradient of the last forward's objective() = loss + aux_loss into every
-  // parameter's grad (call zero_grad(model) first). One backward per forward with targets.
   // Inference with a KV cache (make_kv_cache): ids [B·n] hold n new tokens of each of the cache's B
   // sequences (sequence-major) at the cache's next positions; every block runs on them alone and the
   // cache advances by n. Prefill is one call with the prompts, a decode step one call with one token
@@ -325,6 +323,8 @@ class Model {
                        .capacity = capacity});
   }
 
+  // Accumulates the gradient of the last forward's objective() = loss + aux_loss into every
+  // parameter's grad (call zero_grad(model) first). One backward per forward with targets.
   void backward() {
     if (!has_targets_) fail(name, ": backward needs a forward with targets first (one backward per forward)");
     has_targets_ = false;
