@@ -20,35 +20,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "mpi_session.hpp"
 #include "smoe_eval_layer.hpp"
 
 namespace smoe_eval {
 
 namespace {
-
-// MPI for this run: initialized here (FUNNELED) unless the program already did, finalized by the
-// one who initialized it. Without mpirun Open MPI starts a singleton: P = 1.
-class MpiSession {
- public:
-  MpiSession() {
-    int initialized = 0;
-    MPI_Initialized(&initialized);
-    if (!initialized) {
-      int provided = 0;
-      if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
-        fail("SPEC: \"expert_parallel\": MPI_Init_thread failed");
-      owner_ = true;
-    }
-  }
-  ~MpiSession() {
-    if (owner_) MPI_Finalize();
-  }
-  MpiSession(const MpiSession&) = delete;
-  MpiSession& operator=(const MpiSession&) = delete;
-
- private:
-  bool owner_ = false;
-};
 
 // The first token of every rank's block, [P + 1] (the first T % P ranks one token more).
 std::vector<index_t> token_blocks(index_t tokens, index_t P) {
@@ -248,7 +225,7 @@ smoe::io::SafetensorsWriter evaluate_sharded(smoe::MpiCommunicator& comm, Full& 
 
 void evaluate_expert_parallel(const Spec& spec, const smoe::io::SafetensorsFile& in, const std::string& out_path) {
   expect_expert_parallel_spec(spec);
-  MpiSession session;
+  MpiSession session("SPEC: \"expert_parallel\"");
   {
     smoe::MpiCommunicator comm(MPI_COMM_WORLD);
     with_scalar(spec.dtype, [&](auto tag) {

@@ -19,6 +19,7 @@
 // This header is the trainer, for either backend: train_lm.cpp (the command line) runs it on the
 // CPU, train_lm_cuda.cpp instantiates it over the CUDA backend for --device cuda.
 #pragma once
+#include <smoe/dist/data_parallel.hpp>
 #include <smoe/io/checkpoint.hpp>
 #include <smoe/io/safetensors.hpp>
 #include <smoe/smoe.hpp>
@@ -98,6 +99,7 @@ struct Options {
   double minutes = 0, lr = 3e-3, min_lr = -1, weight_decay = 0.01, clip = 1.0;
   std::int64_t seed = 1, threads = 0;
   std::string device = "cpu";
+  bool expert_parallel = false;
   // evaluation, logging, checkpoints
   std::int64_t eval_every = 200, eval_tokens = 16384, final_eval_tokens = 0;
   std::int64_t log_every = 1, print_every = 10, stats_every = 10, save_every = 0, stop_at = 0;
@@ -240,6 +242,10 @@ inline std::vector<Flag> make_flags() {
   add("device", "NAME", "cpu or cuda: where the model trains (default cpu; cuda needs train_lm built with the "
                         "CUDA backend; checkpoints are the same either way)",
       [](Options& o, const std::string& v) { o.device = one_of("device", v, {"cpu", "cuda"}); });
+  add("expert-parallel", "",
+      "under mpirun -np P: every MoE layer's experts split over the P ranks (E/P each), the batch split "
+      "by sequences; the losses equal one process's (sigma-moe, switch, softmax-moe; docs/distributed.md)",
+      b(&Options::expert_parallel));
 
   group = "Evaluation, logging, checkpoints";
   add("eval-every", "N", "validation every N steps (default 200) and at the end",
@@ -474,6 +480,13 @@ inline void resolve(Options& o) {
         " runs on the CPU only (train_lm's CUDA build instantiates the original kinds)");
   if (o.device == "cuda" && o.timing)
     bad("--timing times the CPU run's parts; on --device cuda the work is asynchronous (time the whole run instead)");
+  if (o.expert_parallel) {
+    if (o.ffn != "sigma-moe" && o.ffn != "switch" && o.ffn != "softmax-moe")
+      bad("--expert-parallel shards the experts of the token-choice kinds sigma-moe, switch and softmax-moe; --ffn " +
+          o.ffn + " is not one of them");
+    if (o.device == "cuda") bad("--expert-parallel runs on the CPU (MPI); --device cuda is not supported with it");
+    if (o.sample > 0) bad("--sample runs in one process: drop --expert-parallel (the checkpoint is the whole model)");
+  }
   if (o.steps != unlimited && o.warmup > o.steps)
     bad("--warmup " + std::to_string(o.warmup) + " must be <= --steps " + std::to_string(o.steps));
 }
@@ -585,19 +598,33 @@ struct DenseKind {
   static void init(FFN& f, Shared&, const Options& o, index_t l) { smoe::dense_init(f, ffn_init(o, l)); }
 };
 
-inline smoe::ExpertDropout dropout(const Options& o, index_t layer) {
-  return {.rate = o.expert_dropout, .seed = mix_seed(std::uint64_t(o.seed), 2000 + std::uint64_t(layer))};
+// first_token: this rank's first token in the batch (--expert-parallel), so that every token keeps
+// the mask of the single-process run.
+inline smoe::ExpertDropout dropout(const Options& o, index_t layer, std::uint64_t first_token = 0) {
+  return {.rate = o.expert_dropout,
+          .seed = mix_seed(std::uint64_t(o.seed), 2000 + std::uint64_t(layer)),
+          .first_token = first_token};
 }
 
+template <class B>
+smoe::ReluExperts<T, B> relu_experts(const Options& o, index_t experts) {
+  return smoe::ReluExperts<T, B>({.d_model = o.d_model, .experts = experts, .hidden = o.expert_size});
+}
+
+// The token-choice kinds (sigma-moe, switch, softmax-moe) build their router and loss with
+// make_router and make_loss, which --expert-parallel reuses (train_lm_expert_parallel.cpp).
 template <class B>
 struct SigmaKind {
   using FFN = MoELayer<B, smoe::SigmoidTopK<T, B>, smoe::ReluExperts<T, B>, smoe::EntropyLoss<T, B>>;
   using Shared = smoe::NoShared;
   static Shared make_shared(const Options&) { return {}; }
+  static smoe::SigmoidTopK<T, B> make_router(const Options& o, index_t l, std::uint64_t first_token = 0) {
+    return smoe::SigmoidTopK<T, B>(
+        {.d_model = o.d_model, .experts = o.experts, .k = o.k, .expert_dropout = dropout(o, l, first_token)});
+  }
+  static smoe::EntropyLoss<T, B> make_loss(const Options& o) { return smoe::EntropyLoss<T, B>(o.entropy_coef); }
   static FFN make_ffn(const Options& o, index_t l, Shared&) {
-    FFN f(smoe::SigmoidTopK<T, B>({.d_model = o.d_model, .experts = o.experts, .k = o.k, .expert_dropout = dropout(o, l)}),
-          smoe::ReluExperts<T, B>({.d_model = o.d_model, .experts = o.experts, .hidden = o.expert_size}), {},
-          smoe::EntropyLoss<T, B>(o.entropy_coef));
+    FFN f(make_router(o, l), relu_experts<B>(o, o.experts), {}, make_loss(o));
     f.capacity.capacity_factor = o.capacity_factor;
     return f;
   }
@@ -609,10 +636,12 @@ struct SwitchKind {
   using FFN = MoELayer<B, smoe::SoftmaxTopK<T, B>, smoe::ReluExperts<T, B>, smoe::SwitchBalanceLoss<T, B>>;
   using Shared = smoe::NoShared;
   static Shared make_shared(const Options&) { return {}; }
-  static FFN make_ffn(const Options& o, index_t, Shared&) {
-    FFN f(smoe::SoftmaxTopK<T, B>({.d_model = o.d_model, .experts = o.experts, .k = o.k}),
-          smoe::ReluExperts<T, B>({.d_model = o.d_model, .experts = o.experts, .hidden = o.expert_size}), {},
-          smoe::SwitchBalanceLoss<T, B>(o.switch_coef));
+  static smoe::SoftmaxTopK<T, B> make_router(const Options& o, index_t, std::uint64_t = 0) {
+    return smoe::SoftmaxTopK<T, B>({.d_model = o.d_model, .experts = o.experts, .k = o.k});
+  }
+  static smoe::SwitchBalanceLoss<T, B> make_loss(const Options& o) { return smoe::SwitchBalanceLoss<T, B>(o.switch_coef); }
+  static FFN make_ffn(const Options& o, index_t l, Shared&) {
+    FFN f(make_router(o, l), relu_experts<B>(o, o.experts), {}, make_loss(o));
     f.capacity.capacity_factor = o.capacity_factor;
     return f;
   }
@@ -626,7 +655,7 @@ struct SBaseKind {
   static Shared make_shared(const Options&) { return {}; }
   static FFN make_ffn(const Options& o, index_t, Shared&) {
     FFN f(smoe::SBaseRouter<T, B>({.d_model = o.d_model, .experts = o.experts, .k = o.k}),
-          smoe::ReluExperts<T, B>({.d_model = o.d_model, .experts = o.experts, .hidden = o.expert_size}));
+          relu_experts<B>(o, o.experts));
     f.capacity.capacity_factor = o.capacity_factor;
     return f;
   }
@@ -686,11 +715,13 @@ struct SoftmaxMoEKind {
   using FFN = MoELayer<B, Router, smoe::ReluExperts<T, B>, smoe::EntropyLoss<T, B>>;
   using Shared = smoe::NoShared;
   static Shared make_shared(const Options&) { return {}; }
+  static Router make_router(const Options& o, index_t l, std::uint64_t first_token = 0) {
+    return Router({.d_model = o.d_model, .experts = o.experts, .k = o.k, .expert_dropout = dropout(o, l, first_token)},
+                  smoe::SoftmaxGate{.renormalize = o.softmax_renorm});
+  }
+  static smoe::EntropyLoss<T, B> make_loss(const Options& o) { return smoe::EntropyLoss<T, B>(o.entropy_coef); }
   static FFN make_ffn(const Options& o, index_t l, Shared&) {
-    FFN f(Router({.d_model = o.d_model, .experts = o.experts, .k = o.k, .expert_dropout = dropout(o, l)},
-                 smoe::SoftmaxGate{.renormalize = o.softmax_renorm}),
-          smoe::ReluExperts<T, B>({.d_model = o.d_model, .experts = o.experts, .hidden = o.expert_size}), {},
-          smoe::EntropyLoss<T, B>(o.entropy_coef));
+    FFN f(make_router(o, l), relu_experts<B>(o, o.experts), {}, make_loss(o));
     f.capacity.capacity_factor = o.capacity_factor;
     return f;
   }
@@ -782,14 +813,18 @@ using ModelOf = smoe::Model<BlockOf<Kind>, typename Kind::Shared>;
 
 // The model of `o` on the kind's backend, its weights not yet set.
 template <class Kind>
-std::unique_ptr<ModelOf<Kind>> make_model(const Options& o) {
+std::unique_ptr<ModelOf<Kind>> make_model(const Options& o, typename Kind::Shared shared) {
   using Attn = typename BlockOf<Kind>::attention_type;
-  auto make_block = [&](index_t l, typename Kind::Shared& shared) {
-    return BlockOf<Kind>(Attn({.d_model = o.d_model, .heads = o.heads}), Kind::make_ffn(o, l, shared));
+  auto make_block = [&](index_t l, typename Kind::Shared& sh) {
+    return BlockOf<Kind>(Attn({.d_model = o.d_model, .heads = o.heads}), Kind::make_ffn(o, l, sh));
   };
   return std::make_unique<ModelOf<Kind>>(
       smoe::ModelConfig{.vocab = vocab, .d_model = o.d_model, .layers = o.layers, .tie_embeddings = o.tie_embeddings},
-      Kind::make_shared(o), make_block);
+      std::move(shared), make_block);
+}
+template <class Kind>
+std::unique_ptr<ModelOf<Kind>> make_model(const Options& o) {
+  return make_model<Kind>(o, Kind::make_shared(o));
 }
 
 // The CPU model of `o` with its initialization: every weight N(0, σ²) from the seed. Embedding
@@ -981,21 +1016,51 @@ inline bool stdout_is_terminal() {
 // The run
 // ============================================================================================
 
-// A run of kind K on backend B. The model is built and initialized on the CPU (host_); on the
-// device a twin (device_) takes its parameters and trains, and the CPU model holds what a
-// checkpoint saves and what sampling reads.
-template <template <class> class K, class B>
+// One process trains the whole batch: Run's default Ranks.
+struct SingleProcess {
+  int rank() const { return 0; }
+  int size() const { return 1; }
+};
+
+// The sequences [first, first + count) of a batch of B that one rank runs, and its share of the
+// batch's mean loss, count / B.
+struct BatchSlice {
+  index_t first = 0, count = 0;
+  double weight = 1;
+};
+
+// Rank r of P runs sequences [r·B/P, (r+1)·B/P) of a batch of B (the first B % P ranks one more).
+inline BatchSlice batch_slice(index_t B, int rank, int ranks) {
+  const index_t P = ranks, r = rank, first = r * (B / P) + std::min(r, B % P);
+  const index_t count = B / P + (r < B % P ? 1 : 0);
+  return {first, count, double(count) / double(B)};
+}
+
+// A run: the model of HostKind (always on the CPU) is built and initialized there (host_); it
+// trains itself, or a twin (twin_) of TrainKind takes its parameters and trains:
+//   --device cuda      the same kind on the device
+//   --expert-parallel  Ranks (train_lm_expert_parallel.cpp) has the communicator: this rank's
+//                      share of every MoE layer's experts (TrainKind = ExpertParallelKind), the
+//                      batch split by sequences, replicated gradients summed over ranks
+// The CPU model holds what a checkpoint saves and what sampling reads; a checkpoint holds the
+// whole model, whatever the ranks.
+template <class HostKind, class TrainKind, class Ranks = SingleProcess>
 class Run {
  public:
-  using HostModel = ModelOf<K<smoe::cpu>>;
-  using Model = ModelOf<K<B>>;
+  using HostModel = ModelOf<HostKind>;
+  using Model = ModelOf<TrainKind>;
+  using B = smoe::backend_of_t<typename TrainKind::FFN>;
   static constexpr bool on_device = !std::is_same_v<B, smoe::cpu>;
+  static constexpr bool distributed = !std::is_same_v<Ranks, SingleProcess>;
 
-  explicit Run(Options& o) : o_(o), host_(build_model<K<smoe::cpu>>(o)) {
-    if constexpr (on_device) {
-      device_ = make_model<K<B>>(o);
+  explicit Run(Options& o, Ranks ranks = {}) : o_(o), ranks_(std::move(ranks)), host_(build_model<HostKind>(o)) {
+    if constexpr (on_device || distributed) {
+      if constexpr (distributed)
+        twin_ = make_model<TrainKind>(o, TrainKind::make_shared(o, ranks_));
+      else
+        twin_ = make_model<TrainKind>(o);
       upload();
-      model_ = device_.get();
+      model_ = twin_.get();
     } else {
       model_ = host_.get();
     }
@@ -1037,6 +1102,9 @@ class Run {
       smoe::io::load_checkpoint(o_.resume, *host_, host_opt, c);
       if constexpr (on_device) {
         opt.restore(host_opt.steps(), host_opt.state());
+        upload();
+      } else if constexpr (distributed) {
+        opt.restore(host_opt.steps(), shard_state(host_opt.state()));
         upload();
       } else {
         opt = std::move(host_opt);
@@ -1086,9 +1154,11 @@ class Run {
     const std::int64_t first_step = step_;
     double session_s = 0, print_loss = 0, last_val = -1;
     std::int64_t print_n = 0, skipped = 0;
+    int stopped_by = 0;  // the signal that ended the run
     std::vector<std::int32_t> ids, targets;
     StatsWindow window, last_window;
     enum class End { none, steps, budget, stop_at, signal } end = End::none;
+    const BatchSlice part = slice(batch);  // this rank's sequences of every batch
     while (end == End::none) {
       const auto t0 = std::chrono::steady_clock::now();
       const double lr = learning_rate(double(train_us_) * 1e-6);
@@ -1097,15 +1167,16 @@ class Run {
       double loss = 0, aux = 0;
       for (std::int64_t m = 0; m < o_.accum; ++m) {
         sampler_.next(batch, L, ids, targets);
-        const smoe::ModelOutput out = model_->forward(ids, targets, batch, smoe::Mode::train);
-        model_->backward();
-        loss += out.loss / double(o_.accum);
-        aux += out.aux_loss / double(o_.accum);
-        window.add(on_device ? device_routing() : out.routing);
+        keep_slice(part, L, ids, targets);
+        const smoe::ModelOutput out = model_->forward(ids, targets, part.count, smoe::Mode::train);
+        model_->backward(part.weight);
+        loss += out.loss * part.weight / double(o_.accum);  // summed over ranks below
+        aux += out.aux_loss / double(o_.accum);             // the global batch's already
+        window.add(routing_stats(out));
       }
+      if constexpr (distributed) smoe::allreduce_gradients(*model_, ranks_.comm(), smoe::Reduction::sum);
       if (o_.accum > 1) smoe::scale_gradients(*model_, 1.0 / double(o_.accum));
-      const smoe::ClipResult clip =
-          smoe::clip_grad_norm(*model_, o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity());
+      const smoe::ClipResult clip = clip_gradients();
       if (clip.finite()) {
         opt.set_lr(lr);
         opt.step(*model_);
@@ -1113,7 +1184,16 @@ class Run {
         ++skipped;
       }
       ++step_;
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      int signal = interrupted;  // read once per step
+      if constexpr (distributed) {
+        // One agreement per step: the batch's loss, the mean step time and whether any rank was
+        // signalled, so that every rank follows the same schedule (--minutes) and stops together.
+        double v[3] = {loss, dt, signal != 0 ? 1.0 : 0.0};
+        ranks_.comm().all_reduce_sum(std::span<double>(v));
+        loss = v[0], dt = v[1] / double(ranks_.size());
+        if (v[2] > 0 && signal == 0) signal = SIGTERM;
+      }
       session_s += dt;
       train_us_ += std::uint64_t(dt * 1e6);
       if (step_ == o_.warmup && budget_s > 0) warmup_progress_ = progress(double(train_us_) * 1e-6);
@@ -1125,8 +1205,8 @@ class Run {
         end = End::budget;
       else if (o_.stop_at > 0 && step_ >= o_.stop_at)
         end = End::stop_at;
-      else if (interrupted)
-        end = End::signal;
+      else if (signal != 0)
+        end = End::signal, stopped_by = signal;
       const bool finished = end == End::steps || end == End::budget;
 
       // Validation: periodic on a subset, and at the end on --final-eval-tokens.
@@ -1207,7 +1287,7 @@ class Run {
     std::cout << "\n";
     if (end == End::signal) {
       std::cout << "interrupted" << (o_.save.empty() ? "" : "; resume with --resume " + o_.save) << "\n";
-      return 128 + int(interrupted);
+      return 128 + stopped_by;
     }
     if (end == End::stop_at) std::cout << "stopped at step " << step_ << " (--stop-at)\n";
     return 0;
@@ -1230,15 +1310,36 @@ class Run {
     return smoe::no_decay_if_name_ends_with({"norm.weight", "norm.bias", ".b1", ".b2", ".combine"});
   }
 
-  // CPU model → device model: parameters and counters (the routers' steps).
+  // CPU model → the twin: parameters (on the device, or this rank's expert shards) and counters
+  // (the routers' steps).
   void upload() {
-    copy_parameters_to_device(*host_, *device_);
-    copy_counters(*host_, *device_);
+    if constexpr (on_device) {
+      copy_parameters_to_device(*host_, *twin_);
+    } else {
+      const auto full = host_parameters();
+      twin_->for_each_parameter([&](std::string_view name, smoe::Parameter<T>& p) {
+        p.value = shard_of(name, full.at(std::string(name))->value);
+      });
+    }
+    copy_counters(*host_, *twin_);
   }
-  // Device model → CPU model, before a checkpoint.
+  // The twin → CPU model, before a checkpoint (collective under --expert-parallel: every rank
+  // gathers every layer's experts).
   void download() {
-    for_each_parameter_pair(*host_, *device_, [](std::string_view, auto& hp, auto& dp) { hp.value = to_host(dp.value); });
-    copy_counters(*device_, *host_);
+    if constexpr (on_device) {
+      for_each_parameter_pair(*host_, *twin_, [](std::string_view, auto& hp, auto& dp) { hp.value = to_host(dp.value); });
+    } else {
+      const auto full = host_parameters();
+      twin_->for_each_parameter([&](std::string_view name, smoe::Parameter<T>& p) {
+        gather(name, p.value, full.at(std::string(name))->value);
+      });
+    }
+    copy_counters(*twin_, *host_);
+  }
+  std::map<std::string, smoe::Parameter<T>*> host_parameters() {
+    std::map<std::string, smoe::Parameter<T>*> by_name;
+    host_->for_each_parameter([&](std::string_view name, smoe::Parameter<T>& p) { by_name[std::string(name)] = &p; });
+    return by_name;
   }
   template <class From, class To>
   static void copy_counters(From& from, To& to) {
@@ -1247,13 +1348,87 @@ class Run {
     to.for_each_counter([&](std::string_view name, std::uint64_t& v) { v = values.at(std::string(name)); });
   }
 
-  // The routing statistics of the device model's last forward, per routing layer (each copies the
-  // layer's routing to the host).
-  std::vector<smoe::LayerRoutingStats> device_routing() {
-    std::vector<smoe::LayerRoutingStats> out;
-    if constexpr (requires { device_->block(0).ffn().routing_stats(); })
-      for (index_t l = 0; l < device_->layers(); ++l) out.push_back({l, device_->block(l).ffn().routing_stats()});
+  // --expert-parallel: whether the twin's parameter `name` is this rank's shard of the whole
+  // model's tensor (a block of its leading dimension, this rank's experts).
+  bool is_shard(std::string_view name) const {
+    return smoe::gradient_sharding(*twin_, name) == smoe::GradientSharding::sharded;
+  }
+  smoe::Tensor<T> shard_of(std::string_view name, const smoe::Tensor<T>& whole) const {
+    if (!is_shard(name)) return whole;
+    std::vector<index_t> shape(whole.shape().begin(), whole.shape().end());
+    shape[0] /= ranks_.size();
+    smoe::Tensor<T> part(shape);
+    const T* from = whole.data() + index_t(ranks_.rank()) * part.size();
+    std::copy(from, from + part.size(), part.data());
+    return part;
+  }
+  // Every rank's shard into `whole` (every rank takes part; replicated tensors are copied).
+  void gather(std::string_view name, const smoe::Tensor<T>& part, smoe::Tensor<T>& whole) {
+    if (!is_shard(name)) {
+      whole = part;
+      return;
+    }
+    std::fill(whole.data(), whole.data() + whole.size(), T(0));
+    std::copy(part.data(), part.data() + part.size(), whole.data() + index_t(ranks_.rank()) * part.size());
+    ranks_.comm().all_reduce_sum(std::span<T>(whole.data(), std::size_t(whole.size())));
+  }
+  // A checkpoint's AdamW moments → this rank's (the shards of the experts' moments).
+  typename smoe::AdamW<T>::StateMap shard_state(const typename smoe::AdamW<T>::StateMap& whole) const {
+    typename smoe::AdamW<T>::StateMap out;
+    for (const auto& [name, st] : whole)
+      out.emplace(name, typename smoe::AdamW<T>::State{shard_of(name, st.m), shard_of(name, st.v)});
     return out;
+  }
+
+  // The routing statistics of the last forward, per routing layer: of the whole batch under
+  // --expert-parallel (counts summed over ranks, routing entropy averaged); on the device each
+  // layer copies its routing to the host.
+  std::vector<smoe::LayerRoutingStats> routing_stats(const smoe::ModelOutput& out) {
+    std::vector<smoe::LayerRoutingStats> r;
+    if constexpr (on_device) {
+      if constexpr (requires { twin_->block(0).ffn().routing_stats(); })
+        for (index_t l = 0; l < twin_->layers(); ++l) r.push_back({l, twin_->block(l).ffn().routing_stats()});
+      return r;
+    } else {
+      r = out.routing;
+      if constexpr (distributed) {
+        std::vector<double> v;
+        for (const auto& layer : r) {
+          const smoe::RoutingStats& st = layer.stats;
+          for (index_t c : st.tokens_per_expert) v.push_back(double(c));
+          v.insert(v.end(), {double(st.assignments), double(st.dropped), double(st.tokens_without_expert),
+                             st.routing_entropy / double(ranks_.size())});
+        }
+        ranks_.comm().all_reduce_sum(std::span<double>(v));
+        std::size_t at = 0;
+        for (auto& layer : r) {
+          smoe::RoutingStats& st = layer.stats;
+          for (index_t& c : st.tokens_per_expert) c = index_t(v[at++]);
+          st.assignments = index_t(v[at++]), st.dropped = index_t(v[at++]);
+          st.tokens_without_expert = index_t(v[at++]), st.routing_entropy = v[at++];
+        }
+      }
+      return r;
+    }
+  }
+
+  // This rank's sequences of a batch (all of them in one process).
+  BatchSlice slice(index_t sequences) const { return batch_slice(sequences, ranks_.rank(), ranks_.size()); }
+  // Keeps the rows of `part` of a batch of ids and targets (L per sequence).
+  static void keep_slice(const BatchSlice& part, index_t L, std::vector<std::int32_t>& ids,
+                         std::vector<std::int32_t>& targets) {
+    if (part.first == 0 && part.count * L == index_t(ids.size())) return;
+    for (auto* v : {&ids, &targets}) {
+      v->erase(v->begin(), v->begin() + std::ptrdiff_t(part.first * L));
+      v->resize(std::size_t(part.count * L));
+    }
+  }
+
+  // Global gradient-norm clipping of the whole model (over ranks under --expert-parallel).
+  smoe::ClipResult clip_gradients() {
+    const double max_norm = o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity();
+    if constexpr (distributed) return smoe::clip_grad_norm(*model_, max_norm, ranks_.comm());
+    else return smoe::clip_grad_norm(*model_, max_norm);
   }
 
   void save(const smoe::AdamW<T, B>& opt) {
@@ -1262,6 +1437,20 @@ class Run {
       smoe::AdamW<T> host_opt(opt.config(), no_decay());
       host_opt.restore(opt.steps(), opt.host_state());
       save_checkpoint(host_opt);
+    } else if constexpr (distributed) {
+      download();
+      typename smoe::AdamW<T>::StateMap whole;
+      const auto full = host_parameters();
+      for (const auto& [name, st] : opt.state()) {  // the same names, in the same order, on every rank
+        const auto& shape = full.at(name)->value.shape();
+        typename smoe::AdamW<T>::State w{smoe::Tensor<T>(shape), smoe::Tensor<T>(shape)};
+        gather(name, st.m, w.m);
+        gather(name, st.v, w.v);
+        whole.emplace(name, std::move(w));
+      }
+      smoe::AdamW<T> host_opt(opt.config(), no_decay());
+      host_opt.restore(opt.steps(), std::move(whole));
+      if (ranks_.rank() == 0) save_checkpoint(host_opt);
     } else {
       save_checkpoint(opt);
     }
@@ -1301,30 +1490,42 @@ class Run {
     return o_.min_lr + (o_.lr - o_.min_lr) * 0.5 * (1 + std::cos(std::numbers::pi * q));
   }
 
-  // Mean cross-entropy (nats per byte) over the windows, and the bytes predicted.
+  // Mean cross-entropy (nats per byte) over the windows, and the bytes predicted. Batches of
+  // --batch windows; under --expert-parallel each rank runs its slice of every batch (a last batch
+  // with fewer windows than ranks joins the one before), and a rank without a window when there
+  // are fewer windows than ranks runs the first one, uncounted: every rank takes part in every
+  // forward.
   std::pair<double, std::int64_t> evaluate(const Corpus& corpus, const std::vector<std::size_t>& starts) {
     const bool timing = model_->timing();
     model_->set_timing(false);
     prepare(*model_);
     const index_t L = o_.context;
+    const std::size_t per_batch = std::size_t(o_.batch), min_batch = std::size_t(ranks_.size());
     std::vector<std::int32_t> ids, targets;
-    double sum = 0;
-    std::int64_t count = 0;
-    for (std::size_t first = 0; first < starts.size(); first += std::size_t(o_.batch)) {
-      const std::size_t n = std::min(starts.size() - first, std::size_t(o_.batch));
-      ids.resize(n * std::size_t(L));
+    double totals[2] = {0, 0};  // [Σ loss · counted, counted]
+    for (std::size_t first = 0; first < starts.size();) {
+      std::size_t n = std::min(starts.size() - first, per_batch);
+      if (starts.size() - first - n < min_batch) n = starts.size() - first;
+      const BatchSlice part = slice(index_t(n));
+      const bool counts = part.count > 0;
+      const std::size_t from = first + std::size_t(part.first), rows = counts ? std::size_t(part.count) : 1;
+      ids.resize(rows * std::size_t(L));
       targets.resize(ids.size());
-      for (std::size_t b = 0; b < n; ++b)
+      for (std::size_t b = 0; b < rows; ++b) {
+        const std::size_t start = starts[counts ? from + b : first];
         for (index_t t = 0; t < L; ++t) {
-          ids[b * std::size_t(L) + std::size_t(t)] = corpus.bytes[starts[first + b] + std::size_t(t)];
-          targets[b * std::size_t(L) + std::size_t(t)] = corpus.bytes[starts[first + b] + std::size_t(t) + 1];
+          ids[b * std::size_t(L) + std::size_t(t)] = corpus.bytes[start + std::size_t(t)];
+          targets[b * std::size_t(L) + std::size_t(t)] = corpus.bytes[start + std::size_t(t) + 1];
         }
-      const smoe::ModelOutput out = model_->forward(ids, targets, index_t(n), smoe::Mode::eval);
-      sum += out.loss * double(out.counted);
-      count += out.counted;
+      }
+      const smoe::ModelOutput out = model_->forward(ids, targets, index_t(rows), smoe::Mode::eval);
+      if (counts) totals[0] += out.loss * double(out.counted), totals[1] += double(out.counted);
+      first += n;
     }
+    if constexpr (distributed) ranks_.comm().all_reduce_sum(std::span<double>(totals));
     model_->set_timing(timing);
-    return {count ? sum / double(count) : 0.0, count};
+    const auto count = std::int64_t(totals[1]);
+    return {count ? totals[0] / totals[1] : 0.0, count};
   }
 
   // A byte from the logits z: temperature, top-k, then inverse CDF at u.
@@ -1380,6 +1581,12 @@ class Run {
     if (o_.ffn == "pr-moe") std::cout << ", + residual MLP of " << o_.expert_size;
     if (o_.ffn == "shared-experts") std::cout << ", + 1 shared expert of " << o_.expert_size;
     std::cout << "\n";
+    if constexpr (distributed) {
+      const std::int64_t P = ranks_.size(), per = o_.batch / P;
+      std::cout << "expert parallel: " << P << " ranks; rank r owns experts [r·" << o_.experts / P << ", (r+1)·"
+                << o_.experts / P << ") of every MoE layer and runs " << per
+                << (o_.batch % P ? " or " + std::to_string(per + 1) : std::string()) << " sequences of each batch\n";
+    }
     std::cout << "parameters: " << thousands(double(m.total_parameters())) << " total, " << thousands(active)
               << " active per token; forward " << fmt("%.3f", flops * 1e-6) << " MFLOP/token\n";
     if (o_.ffn == "dense" || o_.ffn == "topk") {
@@ -1421,8 +1628,9 @@ class Run {
   }
 
   Options& o_;
+  Ranks ranks_;
   std::unique_ptr<HostModel> host_;
-  std::unique_ptr<Model> device_;  // device runs only
+  std::unique_ptr<Model> twin_;  // the model that trains when it is not host_ (see Run)
   Model* model_ = nullptr;         // the model that trains
   Sampler sampler_{};
   std::int64_t step_ = 0;
@@ -1432,7 +1640,7 @@ class Run {
 
 template <template <class> class K, class B>
 int run_kind(Options& o) {
-  Run<K, B> run(o);
+  Run<K<smoe::cpu>, K<B>> run(o);
   if (o.sample > 0) return run.sample();
   const Corpus corpus = load_corpus(o);
   return run.train(corpus);
@@ -1462,5 +1670,9 @@ int dispatch(Options& o) {
 // dispatch<smoe::cuda>, where train_lm is built with the CUDA backend (train_lm_cuda.cpp, by nvcc
 // or as the host-emulated device build); otherwise a usage error (train_lm_no_cuda.cpp).
 int run_on_device(Options& o);
+
+// --expert-parallel under mpirun, where train_lm is built with MPI (train_lm_expert_parallel.cpp);
+// otherwise a usage error (train_lm_expert_parallel_no_mpi.cpp).
+int run_expert_parallel(Options& o);
 
 }  // namespace train_lm

@@ -431,6 +431,40 @@ TEST_CASE("ExpertDropout::mask removes each (token, expert) with probability rat
   REQUIRE_THROWS_WITH(ExpertDropout{.rate = 1.0}.validate("ctx"), "ctx: expert_dropout must be in [0, 1), got 1");
 }
 
+TEST_CASE("expert dropout: a split batch draws each token's mask at its index in the whole batch (first_token)",
+          "[routing][dropout]") {
+  const index_t d = 4, E = 8, K = 3, tokens = 12, first = 5;
+  const Kind kind = GENERATE(Kind::softmax, Kind::sigmoid);
+  const ExpertDropout whole{.rate = 0.4, .seed = 77};
+  ExpertDropout part = whole;
+  part.first_token = first;
+  std::vector<std::uint8_t> a(static_cast<std::size_t>(E)), b(static_cast<std::size_t>(E));
+  for (index_t t = 0; t + first < tokens; ++t) {
+    whole.mask(9, first + t, E, a.data());
+    part.mask(9, t, E, b.data());
+    REQUIRE(a == b);
+  }
+  // A router over tokens [first, tokens) with first_token = first selects what the router over the
+  // whole batch selects for those rows, at every step.
+  const std::vector<double> w = gaussian(E * d, 5), xs = gaussian(tokens * d, 6);
+  Tensor<double> x_all({tokens, d}), x_part({tokens - first, d});
+  for (index_t i = 0; i < x_all.size(); ++i) x_all[i] = xs[std::size_t(i)];
+  for (index_t i = 0; i < x_part.size(); ++i) x_part[i] = xs[std::size_t(first * d + i)];
+  with_router<double>(kind, {.d_model = d, .experts = E, .k = K, .expert_dropout = whole}, [&](auto& all) {
+    with_router<double>(kind, {.d_model = d, .experts = E, .k = K, .expert_dropout = part}, [&](auto& slice) {
+      set_weight(all, w);
+      set_weight(slice, w);
+      Routing<double> ra, rs;
+      for (int step = 0; step < 3; ++step) {
+        all.forward(x_all.matrix(), ra, Mode::train);
+        slice.forward(x_part.matrix(), rs, Mode::train);
+        for (index_t t = 0; t < tokens - first; ++t)
+          for (index_t j = 0; j < K; ++j) REQUIRE(rs.experts[t * K + j] == ra.experts[(first + t) * K + j]);
+      }
+    });
+  });
+}
+
 TEMPLATE_TEST_CASE("expert dropout: training selection = top-k over the surviving experts", "[routing][dropout]", float,
                    double) {
   using T = TestType;

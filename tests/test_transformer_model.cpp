@@ -586,6 +586,27 @@ TEST_CASE("whole-model gradients match finite differences: 2 layers of sigma-MoE
   CHECK(diff > 1e-4);
 }
 
+TEST_CASE("Model::backward(loss_scale) differentiates loss_scale · loss + aux_loss", "[model][gradient]") {
+  SingleThread single;
+  const Sizes s;
+  SigmaModel<double> model = make_sigma_model<double>(s, 2, false);
+  randomize_parameters(model, 120);
+  const auto ids = random_ids(s.N(), s.V, 121);
+  const auto targets = random_ids(s.N(), s.V, 122);
+  const double scale = 0.375;
+  zero_grad(model);
+  model.forward(ids, targets, s.B, Mode::train);
+  model.backward(scale);
+  auto objective = [&] {
+    const ModelOutput out = model.forward(ids, targets, s.B, Mode::train);
+    return scale * out.loss + out.aux_loss;
+  };
+  const auto r = check_parameter_gradients(model, objective, 1e-6, 100000);
+  INFO("worst parameter " << r.worst_parameter << "[" << r.worst_index << "], error " << r.worst_error);
+  CHECK(r.checked == parameter_count(model));
+  CHECK(r.worst_error < 1e-6);
+}
+
 TEST_CASE("model parameter names; a tied head is visited once, as embed.weight", "[model][names]") {
   SingleThread single;  // tiny sizes: a parallel region per layer costs more than it saves
   const Sizes s;

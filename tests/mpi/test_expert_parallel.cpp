@@ -395,6 +395,55 @@ TEST_CASE("allreduce_gradients: replicated averaged, expert shards and the route
   }
 }
 
+TEST_CASE("grad_norm and clip_grad_norm over ranks: the norm of the whole layer", "[mpi][dp][clip]") {
+  using Experts = FeedForwardExperts<double, Gelu>;
+  const int P = world->size(), rank = world->rank();
+  // Gradients that are a function of the global parameter element: the router's the same on every
+  // rank (replicated after the reduction), each expert shard its slice of the whole layer's.
+  ExpertParallel layer(*world, softmax_router<double>(2), Experts({d, E / P, G, true}));
+  MoE<decltype(softmax_router<double>(2)), Experts> full(softmax_router<double>(2), Experts({d, E, G, true}));
+  const auto fill = [](auto& model, index_t first_expert, index_t experts) {
+    model.for_each_parameter([&](std::string_view name, auto& p) {
+      const index_t per = name.starts_with("experts.") ? p.grad.size() / experts : 0;
+      for (index_t i = 0; i < p.grad.size(); ++i)
+        p.grad[i] = std::sin(double(i + first_expert * per) * 0.37 + double(name.size()));
+    });
+  };
+  fill(layer, index_t(rank) * (E / P), E / P);
+  fill(full, 0, E);
+  const double expected = grad_norm(full);
+  CHECK(grad_norm(layer, *world) == Approx(expected).epsilon(1e-13));
+  const ClipResult clip = clip_grad_norm(layer, expected / 4, *world);
+  const ClipResult reference = clip_grad_norm(full, expected / 4);
+  CHECK(clip.norm == Approx(reference.norm).epsilon(1e-13));
+  CHECK(clip.scale == Approx(reference.scale).epsilon(1e-13));
+  CHECK(grad_norm(layer, *world) == Approx(expected / 4).epsilon(1e-5));
+  CHECK_THROWS_WITH(clip_grad_norm(layer, 0.0, *world), Catch::Matchers::Contains("max_norm must be > 0"));
+}
+
+TEST_CASE("Model::sharding: an expert-parallel block's experts sharded, its router reduced, the rest replicated",
+          "[mpi][dp]") {
+  using Experts = FeedForwardExperts<double, Gelu>;
+  using Layer = ExpertParallel<MpiCommunicator, decltype(softmax_router<double>(2)), Experts>;
+  using Block = TransformerBlock<CausalSelfAttention<double>, Layer>;
+  const int P = world->size();
+  Model<Block> model({.vocab = 11, .d_model = d, .layers = 2}, [&](index_t) {
+    return Block(CausalSelfAttention<double>({.d_model = d, .heads = 2}),
+                 Layer(*world, softmax_router<double>(2), Experts({d, E / P, G, true})));
+  });
+  CHECK(model.sharding("blocks.1.ffn.experts.w1") == GradientSharding::sharded);
+  CHECK(model.sharding("blocks.0.ffn.router.weight") == GradientSharding::reduced);
+  CHECK(model.sharding("blocks.0.attn.qkv.weight") == GradientSharding::replicated);
+  CHECK(model.sharding("blocks.0.ffn_norm.weight") == GradientSharding::replicated);
+  CHECK(model.sharding("embed.weight") == GradientSharding::replicated);
+  CHECK(model.sharding("blocks.2.ffn.experts.w1") == GradientSharding::replicated);  // no block 2
+  CHECK(model.sharding("blocks.x.ffn.experts.w1") == GradientSharding::replicated);
+  index_t sharded = 0;
+  model.for_each_parameter(
+      [&](std::string_view name, auto&) { sharded += gradient_sharding(model, name) == GradientSharding::sharded; });
+  CHECK(sharded == 2 * 4);  // w1, b1, w2, b2 of 2 blocks
+}
+
 #ifndef SMOE_TEST_NO_JSON
 TEST_CASE("sharded checkpoint: written with P ranks, loaded with P, 2 and 1", "[mpi][checkpoint]") {
   using Experts = FeedForwardExperts<double, Gelu>;

@@ -44,6 +44,22 @@ struct ParameterProbe {
 template <class C>
 concept HasParameters = requires(C& c, detail::ParameterProbe f) { c.for_each_parameter(f); };
 
+// How a parameter's gradient relates to those of the other ranks of a distributed run (dist/):
+//   replicated  every rank holds a copy and its gradient from its own tokens: data parallelism
+//               sums or averages it over ranks (allreduce_gradients)
+//   sharded     a part only this rank holds (an expert-parallel layer's experts): its gradient is
+//               already complete, from every rank's tokens
+//   reduced     a replicated copy whose gradient the layer already summed over ranks in backward
+// A component says which with `GradientSharding sharding(std::string_view name) const`; without
+// it every parameter is replicated (gradient_sharding).
+enum class GradientSharding { replicated, sharded, reduced };
+
+template <class C>
+GradientSharding gradient_sharding(const C& component, std::string_view name) {
+  if constexpr (requires { component.sharding(name); }) return component.sharding(name);
+  else return GradientSharding::replicated;
+}
+
 template <HasParameters C>
 void zero_grad(C& component) {
   component.for_each_parameter([](std::string_view, auto& p) { p.zero_grad(); });

@@ -23,12 +23,13 @@ namespace smoe {
 
 namespace cuda_kernels {
 
+// ExpertDropout::mask's draw: the same (seed, global token, expert, step) → the same mask.
 struct DroppedExperts {
   double rate;
-  std::uint64_t seed, step;
-  index_t token, experts;
+  std::uint64_t seed, step, token;  // token: the global index (ExpertDropout::first_token + t)
+  index_t experts;
   SMOE_HOST_DEVICE bool operator()(index_t e) const {
-    return uniform01(seed, static_cast<std::uint64_t>(token * experts + e), step) < rate;
+    return uniform01(seed, token * static_cast<std::uint64_t>(experts) + static_cast<std::uint64_t>(e), step) < rate;
   }
 };
 
@@ -41,12 +42,12 @@ struct SelectAndGate {
   index_t E, K;
   bool drop;
   double rate;
-  std::uint64_t seed, step;
+  std::uint64_t seed, step, first_token;
   SMOE_HOST_DEVICE void operator()(index_t t) const {
     const G* s = logits + t * E;
     std::int32_t* id = ids + t * K;
     if (drop)
-      topk_row(s, E, K, id, DroppedExperts{rate, seed, step, t, E});
+      topk_row(s, E, K, id, DroppedExperts{rate, seed, step, first_token + static_cast<std::uint64_t>(t), E});
     else
       topk_row(s, E, K, id, NotRemoved{});
     gate.forward(s, E, id, K, gates + t * K);
@@ -124,7 +125,8 @@ class TopKRouter<T, Gate, cuda> {
     const bool drop = mode == Mode::train && config_.expert_dropout.enabled();
     for_each_index(stream_, tokens,
                    SelectAndGate<G, Gate>{gate_, out.logits.data(), out.experts.data(), out.gates.data(), E, K, drop,
-                                          config_.expert_dropout.rate, config_.expert_dropout.seed, step_});
+                                          config_.expert_dropout.rate, config_.expert_dropout.seed, step_,
+                                          config_.expert_dropout.first_token});
     if (mode == Mode::train) ++step_;
   }
 

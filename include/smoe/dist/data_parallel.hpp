@@ -1,5 +1,5 @@
 #pragma once
-// Data-parallel gradient reduction next to expert parallelism.
+// Data-parallel gradient reduction next to expert parallelism, and the global gradient norm.
 //
 // allreduce_gradients(model, comm) visits the model's parameters by name (for_each_parameter) and
 // sums every replicated parameter's gradient over the ranks, then divides it by P (the average);
@@ -16,23 +16,23 @@
 // If each rank's loss is its local mean, the global mean is (1/P)·Σ_ranks and the expert and router
 // gradients are P times those of the global mean; use Reduction::sum and normalize each rank's
 // loss by the global token count instead, so every gradient is that of one global objective.
+//
+// grad_norm(model, comm) and clip_grad_norm(model, max_norm, comm) (train/clip.hpp's, over ranks):
+// the L2 norm of the whole distributed model's gradient, call them after allreduce_gradients.
+// Replicated and reduced gradients are then equal on every rank and count once; sharded ones are
+// summed over the ranks (one all-reduce of a double). Every rank gets the same norm and scale.
+#include <cmath>
 #include <span>
 #include <string_view>
 #include <vector>
 
 #include "smoe/core/parameter.hpp"
 #include "smoe/dist/communicator.hpp"
+#include "smoe/train/clip.hpp"
 
 namespace smoe {
 
-enum class GradientSharding { replicated, sharded, reduced };
 enum class Reduction { average, sum };
-
-template <class M>
-GradientSharding gradient_sharding(const M& model, std::string_view name) {
-  if constexpr (requires { model.sharding(name); }) return model.sharding(name);
-  else return GradientSharding::replicated;
-}
 
 template <HasParameters M, Communicator Comm>
 void allreduce_gradients(M& model, Comm& comm, Reduction reduction = Reduction::average) {
@@ -49,6 +49,23 @@ void allreduce_gradients(M& model, Comm& comm, Reduction reduction = Reduction::
     if (gradient_sharding(model, name) != GradientSharding::replicated) return;
     for (index_t i = 0; i < p.grad.size(); ++i) p.grad[i] = buffer[at++] * scale;
   });
+}
+
+template <HasParameters M, Communicator Comm>
+double grad_norm(M& model, Comm& comm) {
+  double squares[2] = {0, 0};  // [replicated and reduced: once, this rank's shards: summed over ranks]
+  double largest = 0;
+  model.for_each_parameter([&](std::string_view name, auto& p) {
+    const bool shard = gradient_sharding(model, name) == GradientSharding::sharded;
+    gradient_ops_of<decltype(p.grad)>::sum_squares(p.grad, 1.0, squares[shard ? 1 : 0], largest);
+  });
+  comm.all_reduce_sum(std::span<double>(squares + 1, 1));
+  return std::sqrt(squares[0] + squares[1]);
+}
+
+template <HasParameters M, Communicator Comm>
+[[nodiscard]] ClipResult clip_grad_norm(M& model, double max_norm, Comm& comm) {
+  return detail::clip_to_norm(model, grad_norm(model, comm), max_norm);
 }
 
 }  // namespace smoe

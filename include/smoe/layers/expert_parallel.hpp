@@ -111,6 +111,11 @@ class ExpertParallel {
     if constexpr (HasParameters<R>) router_.for_each_parameter(with_prefix("router.", f));
     experts_.for_each_parameter(with_prefix("experts.", f));
   }
+  // The router's step counter ("router.step": its expert-dropout masks), replicated like the router.
+  template <class F>
+  void for_each_counter(F&& f) {
+    if constexpr (HasCounters<R>) router_.for_each_counter(with_prefix("router.", f));
+  }
   static bool sharded(std::string_view parameter_name) { return parameter_name.starts_with("experts."); }
   static GradientSharding sharding(std::string_view parameter_name) {
     return sharded(parameter_name) ? GradientSharding::sharded : GradientSharding::reduced;

@@ -24,6 +24,8 @@
 // Buffers: two [N, d] activations (reused for the gradients) and the logits [N, V], which the loss
 // backward overwrites with their gradient in place. Timing (layers/timing.hpp) is off by default;
 // set_timing(true) makes every forward and backward add its parts' wall time to times().
+#include <algorithm>
+#include <charconv>
 #include <concepts>
 #include <cstdint>
 #include <optional>
@@ -205,6 +207,21 @@ class Model {
     final_norm_.for_each_parameter(with_prefix("final_norm.", f));
     head_.for_each_parameter(with_prefix("head.", f));
   }
+  // The blocks' sharding of their parameters (an expert-parallel FFN's experts, core/parameter.hpp);
+  // the rest are replicated.
+  GradientSharding sharding(std::string_view parameter_name) const
+    requires requires(const Block& b) { b.sharding(parameter_name); }
+  {
+    std::string_view rest = parameter_name;
+    if (!rest.starts_with("blocks.")) return GradientSharding::replicated;
+    rest.remove_prefix(7);
+    const std::size_t dot = rest.find('.');
+    std::size_t l = 0;
+    const auto r = std::from_chars(rest.data(), rest.data() + std::min(dot, rest.size()), l);
+    if (dot == std::string_view::npos || r.ptr != rest.data() + dot || l >= blocks_.size())
+      return GradientSharding::replicated;
+    return blocks_[l].sharding(rest.substr(dot + 1));
+  }
   // Buffers (core/buffer.hpp) of the shared object and the blocks, e.g. "blocks.0.ffn.router.bias".
   template <class F>
   void for_each_buffer(F&& f) {
@@ -323,15 +340,17 @@ class Model {
                        .capacity = capacity});
   }
 
-  // Accumulates the gradient of the last forward's objective() = loss + aux_loss into every
-  // parameter's grad (call zero_grad(model) first). One backward per forward with targets.
-  void backward() {
+  // Accumulates the gradient of the last forward's loss_scale · loss + aux_loss into every
+  // parameter's grad (call zero_grad(model) first): objective() by default. One backward per
+  // forward with targets. A loss_scale other than 1 weights this batch's mean in a larger mean:
+  // N_local / N_global when ranks split one batch (expert parallelism), or 1/M for M micro-batches.
+  void backward(double loss_scale = 1.0) {
     if (!has_targets_) fail(name, ": backward needs a forward with targets first (one backward per forward)");
     has_targets_ = false;
     MatrixView<T, backend> g0 = act_[0].matrix(), g1 = act_[1].matrix();
     {
       ScopedTimer timer(slot(&ModelTimes::loss_backward));
-      loss_.backward(std::as_const(logits_).matrix(), logits_.matrix());  // in place
+      loss_.backward(std::as_const(logits_).matrix(), logits_.matrix(), loss_scale);  // in place
     }
     {
       ScopedTimer timer(slot(&ModelTimes::head_backward));

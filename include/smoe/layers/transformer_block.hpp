@@ -138,6 +138,14 @@ class TransformerBlock {
     if constexpr (HasParameters<Norm>) ffn_norm_.for_each_parameter(with_prefix("ffn_norm.", f));
     if constexpr (HasParameters<FFN>) for_each_layer_parameter(ffn_, with_prefix("ffn.", f));
   }
+  // A distributed FFN's parameters (an ExpertParallel layer's experts) keep its sharding
+  // (core/parameter.hpp); the rest are replicated.
+  GradientSharding sharding(std::string_view parameter_name) const
+    requires requires(const FFN& f) { f.sharding(parameter_name); }
+  {
+    if (!parameter_name.starts_with("ffn.")) return GradientSharding::replicated;
+    return ffn_.sharding(parameter_name.substr(4));
+  }
   // Non-trained state of the parts (core/buffer.hpp), e.g. "ffn.router.bias".
   template <class F>
   void for_each_buffer(F&& f) {

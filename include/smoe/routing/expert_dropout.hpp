@@ -14,6 +14,10 @@ namespace smoe {
 struct ExpertDropout {
   double rate = 0.0;       // delta in the paper; 0 disables
   std::uint64_t seed = 0;  // masks are a function of (seed, step, token, expert)
+  // The global index of this process's token 0. Expert parallelism splits one batch over ranks;
+  // rank r sets the index of its first token in the concatenated batch, so every token keeps the
+  // mask it has when one process runs the whole batch.
+  std::uint64_t first_token = 0;
 
   void validate(const char* context) const {
     if (!(rate >= 0.0 && rate < 1.0)) fail(context, ": expert_dropout must be in [0, 1), got ", rate);
@@ -22,7 +26,11 @@ struct ExpertDropout {
   // Fills mask[0..experts) for `token` at training step `step`: 1 = removed.
   void mask(std::uint64_t step, index_t token, index_t experts, std::uint8_t* out) const {
     for (index_t e = 0; e < experts; ++e)
-      out[e] = uniform01(seed, static_cast<std::uint64_t>(token * experts + e), step) < rate ? 1 : 0;
+      out[e] = uniform01(seed, (first_token + static_cast<std::uint64_t>(token)) * static_cast<std::uint64_t>(experts) +
+                                   static_cast<std::uint64_t>(e),
+                         step) < rate
+                   ? 1
+                   : 0;
   }
 };
 

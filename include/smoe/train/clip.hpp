@@ -47,13 +47,13 @@ double grad_norm(C& model) {
   return std::sqrt(sum);
 }
 
-// Scales every gradient of `model` so that the global L2 norm is at most about max_norm (see the
-// header comment); returns the norm before clipping. max_norm may be +inf (measure only).
+namespace detail {
+// Scales every gradient by min(1, max_norm / (norm + 1e-6)), given the norm.
 template <HasParameters C>
-[[nodiscard]] ClipResult clip_grad_norm(C& model, double max_norm) {
+ClipResult clip_to_norm(C& model, double norm, double max_norm) {
   if (!(max_norm > 0.0)) fail("clip_grad_norm: max_norm must be > 0, got ", max_norm);
   ClipResult r;
-  r.norm = grad_norm(model);
+  r.norm = norm;
   if (!r.finite()) return r;
   const double coef = max_norm / (r.norm + 1e-6);
   if (coef < 1.0) {
@@ -62,6 +62,14 @@ template <HasParameters C>
     model.for_each_parameter([&](std::string_view, auto& p) { gradient_ops_of<decltype(p.grad)>::scale(p.grad, coef); });
   }
   return r;
+}
+}  // namespace detail
+
+// Scales every gradient of `model` so that the global L2 norm is at most about max_norm (see the
+// header comment); returns the norm before clipping. max_norm may be +inf (measure only).
+template <HasParameters C>
+[[nodiscard]] ClipResult clip_grad_norm(C& model, double max_norm) {
+  return detail::clip_to_norm(model, grad_norm(model), max_norm);
 }
 
 }  // namespace smoe
