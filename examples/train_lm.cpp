@@ -63,8 +63,8 @@ int main(int argc, char** argv) {
 #if defined(_OPENMP)
     if (o.threads > 0) omp_set_num_threads(int(o.threads));
 #endif
-    // Sampling reads the checkpoint into the CPU model, wherever it was trained.
     if (o.expert_parallel) return run_expert_parallel(o);
+    // Sampling reads the checkpoint into the CPU model, wherever it was trained.
     if (o.device == "cuda" && !sampling) return run_on_device(o);
     return dispatch<smoe::cpu>(o);
   } catch (const usage_error& e) {

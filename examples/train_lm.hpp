@@ -1185,14 +1185,14 @@ class Run {
       }
       ++step_;
       double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      int signal = interrupted;  // read once per step
+      int sig = interrupted;  // read once per step
       if constexpr (distributed) {
         // One agreement per step: the batch's loss, the mean step time and whether any rank was
         // signalled, so that every rank follows the same schedule (--minutes) and stops together.
-        double v[3] = {loss, dt, signal != 0 ? 1.0 : 0.0};
+        double v[3] = {loss, dt, sig != 0 ? 1.0 : 0.0};
         ranks_.comm().all_reduce_sum(std::span<double>(v));
         loss = v[0], dt = v[1] / double(ranks_.size());
-        if (v[2] > 0 && signal == 0) signal = SIGTERM;
+        if (v[2] > 0 && sig == 0) sig = SIGTERM;  // another rank's signal
       }
       session_s += dt;
       train_us_ += std::uint64_t(dt * 1e6);
@@ -1205,8 +1205,8 @@ class Run {
         end = End::budget;
       else if (o_.stop_at > 0 && step_ >= o_.stop_at)
         end = End::stop_at;
-      else if (signal != 0)
-        end = End::signal, stopped_by = signal;
+      else if (sig != 0)
+        end = End::signal, stopped_by = sig;
       const bool finished = end == End::steps || end == End::budget;
 
       // Validation: periodic on a subset, and at the end on --final-eval-tokens.
@@ -1381,8 +1381,9 @@ class Run {
   }
 
   // The routing statistics of the last forward, per routing layer: of the whole batch under
-  // --expert-parallel (counts summed over ranks, routing entropy averaged); on the device each
-  // layer copies its routing to the host.
+  // --expert-parallel (counts summed over ranks; the routing entropy the ranks' entropies weighted
+  // by their shares of the batch, not the entropy of the batch's mean distribution); on the device
+  // each layer copies its routing to the host.
   std::vector<smoe::LayerRoutingStats> routing_stats(const smoe::ModelOutput& out) {
     std::vector<smoe::LayerRoutingStats> r;
     if constexpr (on_device) {
@@ -1397,7 +1398,7 @@ class Run {
           const smoe::RoutingStats& st = layer.stats;
           for (index_t c : st.tokens_per_expert) v.push_back(double(c));
           v.insert(v.end(), {double(st.assignments), double(st.dropped), double(st.tokens_without_expert),
-                             st.routing_entropy / double(ranks_.size())});
+                             st.routing_entropy * slice(o_.batch).weight});
         }
         ranks_.comm().all_reduce_sum(std::span<double>(v));
         std::size_t at = 0;

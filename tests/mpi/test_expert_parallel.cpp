@@ -419,6 +419,14 @@ TEST_CASE("grad_norm and clip_grad_norm over ranks: the norm of the whole layer"
   CHECK(clip.scale == Approx(reference.scale).epsilon(1e-13));
   CHECK(grad_norm(layer, *world) == Approx(expected / 4).epsilon(1e-5));
   CHECK_THROWS_WITH(clip_grad_norm(layer, 0.0, *world), Catch::Matchers::Contains("max_norm must be > 0"));
+  // Gradients whose squares overflow double: measured again in a common unit, still finite.
+  fill(layer, index_t(rank) * (E / P), E / P);
+  fill(full, 0, E);
+  scale_gradients(layer, 1e200);
+  scale_gradients(full, 1e200);
+  const double huge = grad_norm(full);
+  REQUIRE(std::isfinite(huge));
+  CHECK(grad_norm(layer, *world) == Approx(huge).epsilon(1e-12));
 }
 
 TEST_CASE("Model::sharding: an expert-parallel block's experts sharded, its router reduced, the rest replicated",

@@ -3,7 +3,7 @@
 # steps' losses within 1e-4): sigma-moe with expert dropout on 2 ranks; switch with a capacity
 # factor and a batch the ranks split unevenly on 3; softmax-moe with gradient accumulation on 4;
 # a checkpoint written by 2 ranks resumed in one process and by 4 ranks, and one written by one
-# process resumed by 3; the validation loss at the end; and the flags it refuses, on every rank.
+# process resumed by 2; the validation loss at the end; and the flags it refuses, on every rank.
 #
 #   tests/mpi/train_lm_expert_parallel.sh path/to/train_lm WORK_DIR MPIEXEC [MPIEXEC FLAGS...]
 # (the ranks follow the flags as "-np N"; run by ctest with --oversubscribe --bind-to none)
@@ -81,8 +81,12 @@ same one.csv resumed.csv "2 ranks, then 1 process"
 ranks 4 --resume two-copy.ckpt --data text.txt --log resumed4.csv --expert-parallel >/dev/null ||
   fail "resuming on 4 ranks exited with $?"
 same one.csv resumed4.csv "2 ranks, then 4"
-"$bin" "${sigma[@]}" --stop-at 10 --save one.ckpt --log resumed3.csv >/dev/null
-ranks 3 --resume one.ckpt --data text.txt --experts 8 --log resumed3.csv --expert-parallel >/dev/null 2>&1 &&
+"$bin" "${sigma[@]}" --stop-at 10 --save one.ckpt --log resumed2.csv >/dev/null
+cp one.ckpt one-copy.ckpt
+ranks 2 --resume one-copy.ckpt --data text.txt --log resumed2.csv --expert-parallel >/dev/null ||
+  fail "resuming a one-process checkpoint on 2 ranks exited with $?"
+same one.csv resumed2.csv "1 process, then 2 ranks"
+ranks 3 --resume one.ckpt --data text.txt --experts 8 --expert-parallel >/dev/null 2>&1 &&
   fail "3 ranks accepted 8 experts"
 grep -q "must be a multiple of the 3 ranks" <(ranks 3 --resume one.ckpt --data text.txt --expert-parallel 2>&1) ||
   fail "8 experts on 3 ranks: no clear error"

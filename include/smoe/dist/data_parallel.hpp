@@ -53,14 +53,26 @@ void allreduce_gradients(M& model, Comm& comm, Reduction reduction = Reduction::
 
 template <HasParameters M, Communicator Comm>
 double grad_norm(M& model, Comm& comm) {
-  double squares[2] = {0, 0};  // [replicated and reduced: once, this rank's shards: summed over ranks]
+  // [replicated and reduced: once, this rank's shards: summed over ranks], the squares of g / unit
+  const auto sum = [&](double unit, double& largest) {
+    double squares[2] = {0, 0};
+    model.for_each_parameter([&](std::string_view name, auto& p) {
+      const bool shard = gradient_sharding(model, name) == GradientSharding::sharded;
+      gradient_ops_of<decltype(p.grad)>::sum_squares(p.grad, unit, squares[shard ? 1 : 0], largest);
+    });
+    comm.all_reduce_sum(std::span<double>(squares + 1, 1));
+    return squares[0] + squares[1];
+  };
   double largest = 0;
-  model.for_each_parameter([&](std::string_view name, auto& p) {
-    const bool shard = gradient_sharding(model, name) == GradientSharding::sharded;
-    gradient_ops_of<decltype(p.grad)>::sum_squares(p.grad, 1.0, squares[shard ? 1 : 0], largest);
-  });
-  comm.all_reduce_sum(std::span<double>(squares + 1, 1));
-  return std::sqrt(squares[0] + squares[1]);
+  const double squares = sum(1.0, largest);
+  if (!std::isinf(squares)) return std::sqrt(squares);  // the same verdict on every rank
+  // Only overflowed squares get here (as in train/clip.hpp): sum (g / u)² instead, u = Σ over ranks
+  // of their largest |g| (>= the largest of all; infinite if any gradient is).
+  double unit[1] = {largest};
+  comm.all_reduce_sum(std::span<double>(unit));
+  if (!std::isfinite(unit[0])) return squares;
+  double unused = 0;
+  return unit[0] * std::sqrt(sum(unit[0], unused));
 }
 
 template <HasParameters M, Communicator Comm>
