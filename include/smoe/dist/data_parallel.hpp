@@ -20,7 +20,8 @@
 // grad_norm(model, comm) and clip_grad_norm(model, max_norm, comm) (train/clip.hpp's, over ranks):
 // the L2 norm of the whole distributed model's gradient, call them after allreduce_gradients.
 // Replicated and reduced gradients are then equal on every rank and count once; sharded ones are
-// summed over the ranks (one all-reduce of a double). Every rank gets the same norm and scale.
+// summed over the ranks (one all-reduce of a double; one more when squares overflow and the norm
+// is measured again in a common unit, as train/clip.hpp does). Every rank gets the same norm and scale.
 #include <cmath>
 #include <span>
 #include <string_view>
