@@ -7,10 +7,11 @@
 #   scripts/run_experiments.sh --report                  only rebuild the table and the plots
 #
 # Every run trains d = 128, 4 layers (unless the row says otherwise), 4 heads, context 128, batch 16
-# for the same fixed --steps (the same tokens per group) with the same schedule (warm-up, cosine to
-# lr/10), threads 1, and ends with a validation on the whole held-out split of the Brown corpus.
+# for the same fixed --steps (the same tokens per group) with the same schedule (lr 3e-3, the best of
+# the lr-sweep group in every family; warm-up, cosine to lr/10), threads 1, and ends with a
+# validation on the whole held-out split of the Brown corpus.
 # Runs go seed by seed: all the named rows with seed 1, then seed 2, ... (--seeds overrides the
-# rows' own seeds: 1,2,3 for the headline groups, 1 elsewhere).
+# rows' own seeds: 1,2,3 for the headline groups and the closest ablations, 1 elsewhere).
 #
 # Resumable: a run whose CSV ends with the last step and its validation is finished and skipped; a
 # run that was killed resumes from its checkpoint (train_lm --resume) and continues the same
@@ -24,7 +25,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=train_lm_lib.sh
+# shellcheck source=scripts/train_lm_lib.sh
 source "$repo/scripts/train_lm_lib.sh"
 results="${EXPERIMENTS_RESULTS:-$repo/docs/results/experiments}"
 work="${EXPERIMENTS_WORK:-$repo/build-experiments}"
@@ -45,20 +46,21 @@ rows=(
   "dense|sigma-headline|1,2,3|dense ReLU MLP, d_ff 1032 (parameter-equal)|--ffn dense"
   "switch|sigma-headline|1,2,3|Switch: softmax top-1 of 4 experts (G 256), balance loss 0.01|--ffn switch"
   "s-base|sigma-headline|1,2,3|S-BASE: Sinkhorn top-4 of 16 experts (G 64)|--ffn s-base"
-  "softmax-renorm|sigma-gates|1|softmax after top-4 (renormalized), entropy reg, expert dropout 0.05|--ffn softmax-moe --softmax-renorm --expert-dropout 0.05"
-  "softmax-norenorm|sigma-gates|1|softmax before top-4 (no renormalization), entropy reg, expert dropout 0.05|--ffn softmax-moe --expert-dropout 0.05"
+  "softmax-renorm|sigma-gates|1,2,3|softmax after top-4 (renormalized), entropy reg, expert dropout 0.05|--ffn softmax-moe --softmax-renorm --expert-dropout 0.05"
+  "softmax-norenorm|sigma-gates|1,2,3|softmax before top-4 (no renormalization), entropy reg, expert dropout 0.05|--ffn softmax-moe --expert-dropout 0.05"
   "topk-mlp|sigma-gates|1|Top-K-activation MLP: dense d_ff 1032 keeping the 256 largest units|--ffn topk"
   "pkm|sigma-gates|1|product-key memory, 45² values, 4 heads, 32 per head|--ffn pkm"
-  "sigma-no-entropy|sigma-ablations|1|sigma-MoE without the entropy regularization|--ffn sigma-moe --expert-dropout 0.05 --entropy-coef 0"
+  "sigma-no-entropy|sigma-ablations|1,2,3|sigma-MoE without the entropy regularization|--ffn sigma-moe --expert-dropout 0.05 --entropy-coef 0"
   "sigma-no-dropout|sigma-ablations|1|sigma-MoE without expert dropout|--ffn sigma-moe --expert-dropout 0"
   "sigma-k1|sigma-ablations|1|sigma-MoE K 1, G 256, E 4 (K·G 256)|--ffn sigma-moe --expert-dropout 0.05 --k 1 --expert-size 256 --experts 4"
   "sigma-k2|sigma-ablations|1|sigma-MoE K 2, G 128, E 8 (K·G 256)|--ffn sigma-moe --expert-dropout 0.05 --k 2 --expert-size 128 --experts 8"
   "sigma-k8|sigma-ablations|1|sigma-MoE K 8, G 32, E 32 (K·G 256)|--ffn sigma-moe --expert-dropout 0.05 --k 8 --expert-size 32 --experts 32"
   "samoe-per-layer|samoe-headline|1,2,3|per-layer experts: sigma-MoE routing, 16 experts (G 64) in each of the 4 layers|--ffn sigma-moe"
+  "per-layer-e8|samoe-headline|1,2,3|per-layer experts with samoe-m2's parameters: 8 experts (G 64) in each layer, top-4|--ffn sigma-moe --experts 8"
   "samoe-m2|samoe-headline|1,2,3|SaMoE weight space, pool of M 2 shared by the 4 layers|--ffn samoe --members 2"
   "tied|samoe-headline|1,2,3|WideNet: one expert set tied across the 4 layers, per-layer routers|--ffn tied"
-  "samoe-m1|samoe-pool|1|SaMoE weight space, M 1|--ffn samoe --members 1"
-  "samoe-m4|samoe-pool|1|SaMoE weight space, M 4 (as many members as layers)|--ffn samoe --members 4"
+  "samoe-m1|samoe-pool|1,2,3|SaMoE weight space, M 1|--ffn samoe --members 1"
+  "samoe-m4|samoe-pool|1,2,3|SaMoE weight space, M 4 (as many members as layers)|--ffn samoe --members 4"
   "samoe-m2-output|samoe-pool|1|SaMoE output space, M 2|--ffn samoe --members 2 --samoe-space output"
   "pr-moe|samoe-pool|1|PR-MoE residual: top-3 of 16 experts (G 64) + a residual MLP of 64 units|--ffn pr-moe"
   "shared-experts|samoe-pool|1|shared experts: top-3 of 16 experts (G 64) + 1 shared expert of 64 units|--ffn shared-experts"
@@ -74,7 +76,23 @@ rows=(
   "scale-dense-e32|sigma-scaling|1|timing: dense with the parameters of E 32 (d_ff 2064), 300 steps|--ffn dense --experts 32 --steps 300"
   "scale-dense-e64|sigma-scaling|1|timing: dense with the parameters of E 64 (d_ff 4128), 300 steps|--ffn dense --experts 64 --steps 300"
 )
-groups=(sigma-headline sigma-gates sigma-ablations sigma-scaling samoe-headline samoe-pool)
+# The learning-rate sweep (group lr-sweep): each family (NAME|DESCRIPTION|FLAGS) at three peak
+# learning rates for 500 steps; every other row trains at the 3e-3 it picked.
+sweep_families=(
+  "dense|dense ReLU MLP|--ffn dense"
+  "sigma-moe|sigma-MoE|--ffn sigma-moe --expert-dropout 0.05"
+  "switch|Switch|--ffn switch"
+  "s-base|S-BASE|--ffn s-base"
+  "samoe|SaMoE M 2|--ffn samoe --members 2"
+  "pkm|product-key memory|--ffn pkm"
+)
+for family in "${sweep_families[@]}"; do
+  IFS='|' read -r family_name family_description family_flags <<<"$family"
+  for lr in 1e-3 3e-3 6e-3; do
+    rows+=("lr-$family_name-$lr|lr-sweep|1|learning-rate sweep: $family_description, lr $lr, 500 steps|$family_flags --lr $lr --steps 500")
+  done
+done
+groups=(lr-sweep sigma-headline sigma-gates sigma-ablations sigma-scaling samoe-headline samoe-pool)
 row_field() {  # row_field NAME INDEX (0 name, 1 group, 2 seeds, 3 description, 4 flags)
   local r
   for r in "${rows[@]}"; do
@@ -83,8 +101,19 @@ row_field() {  # row_field NAME INDEX (0 name, 1 group, 2 seeds, 3 description, 
   done
   return 1
 }
-common=(--d-model 128 --heads 4 --context 128 --batch 16 --steps "$steps" --lr 3e-3 --threads "$threads"
+common=(--d-model 128 --heads 4 --context 128 --batch 16 --threads "$threads"
         --eval-every 100 --log-every 10 --print-every 100 --final-eval-tokens 0)
+
+# row_args NAME: a row's train_lm flags: the common ones, the budget, lr 3e-3 and 4 layers unless
+# the row sets its own, then the row's.
+row_args() {
+  local flags words=("${common[@]}")
+  flags=" $(row_field "$1" 4)"
+  [[ "$flags " == *" --steps "* ]] || words+=(--steps "$steps")
+  [[ "$flags " == *" --lr "* ]] || words+=(--lr 3e-3)
+  [[ "$flags " == *" --layers "* ]] || words+=(--layers 4)
+  echo "${words[*]}$flags"
+}
 
 # row_steps NAME: the row's --steps (the timing rows' own) or the budget.
 row_steps() {
@@ -110,11 +139,8 @@ run_one() {  # run_one NAME SEED
     echo "== $run: finished, skipped"
     return 0
   fi
-  # shellcheck disable=SC2206  # the flags are words
-  local flags=($(row_field "$name" 4))
-  local layers=(--layers 4)
-  [[ " ${flags[*]} " == *" --layers "* ]] && layers=()
-  local args=(--data "$data" "${common[@]}" "${layers[@]}" "${flags[@]}" --seed "$seed" --log "$csv" --save "$ckpt")
+  # shellcheck disable=SC2207  # the flags are words
+  local args=(--data "$data" $(row_args "$name") --seed "$seed" --log "$csv" --save "$ckpt")
   if [[ -f "$ckpt" ]]; then
     echo "== $run: resuming from $ckpt"
     # The run's settings come from the checkpoint; the logging cadence is not persisted.
@@ -174,10 +200,8 @@ report() {
     echo '```'
     for r in "${rows[@]}"; do
       IFS='|' read -r -a f <<<"$r"
-      local layers="--layers 4"
-      [[ " ${f[4]} " == *" --layers "* ]] && layers=""
       echo "# ${f[0]}: seeds ${f[2]}"
-      echo "train_lm --data data/brown/brown.txt ${common[*]} $layers ${f[4]} --seed SEED" \
+      echo "train_lm --data data/brown/brown.txt $(row_args "${f[0]}") --seed SEED" \
            "--log docs/results/experiments/${f[0]}.sSEED.csv --save build-experiments/checkpoints/${f[0]}.sSEED.safetensors"
     done
     echo '```'
@@ -254,19 +278,22 @@ plot_svg() {
 # GROUP.tokens.svg and GROUP.time.svg), the validation bits per byte of every run of the group
 # (finished or not) against tokens and against wall time.
 plot_group() {
-  local group="$1" r name csv dat plots_tokens="" plots_time="" n=0 dats=()
+  local group="$1" r name csv dat style plots_tokens="" plots_time="" n=0 row=0 dats=()
   mkdir -p "$work/plot"
   for r in "${rows[@]}"; do
     IFS='|' read -r -a f <<<"$r"
     [[ "${f[1]}" == "$group" ]] || continue
+    row=$((row + 1))
     for csv in "$results/${f[0]}".s*.csv; do
       [[ -f "$csv" ]] || continue
       name="$(basename "$csv" .csv)" dat="$work/plot/$name.dat"
       awk -F, 'NR == 1 { for (i = 1; i <= NF; ++i) c[$i] = i; next }
                $c["val_bpb"] != "" { print $c["tokens"], $c["elapsed_s"], $c["val_bpb"] }' "$csv" >"$dat"
       [[ -s "$dat" ]] || continue
-      plots_tokens+="${plots_tokens:+, }'$dat' using 1:3 with linespoints title '$name'"
-      plots_time+="${plots_time:+, }'$dat' using 2:3 with linespoints title '$name'"
+      # One colour per row, one point type per seed.
+      style="with linespoints lc $row pt $((${name##*.s} + 3)) title '$name'"
+      plots_tokens+="${plots_tokens:+, }'$dat' using 1:3 $style"
+      plots_time+="${plots_time:+, }'$dat' using 2:3 $style"
       dats+=("$dat")
       n=$((n + 1))
     done
@@ -286,9 +313,11 @@ set ylabel 'validation bits per byte'
 set title '$title'
 set output '$results/$group.tokens.png'
 set xlabel 'training tokens'
+set format x '%.1s%c'
 plot $plots_tokens
 set output '$results/$group.time.png'
 set xlabel 'training wall time, s (shared machine, 1 thread)'
+set format x '%g'
 plot $plots_time
 GP
 }

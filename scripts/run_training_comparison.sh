@@ -18,7 +18,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=train_lm_lib.sh
+# shellcheck source=scripts/train_lm_lib.sh
 source "$repo/scripts/train_lm_lib.sh"
 minutes=10
 threads=2

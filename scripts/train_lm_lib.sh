@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell helpers shared by the scripts that run examples/train_lm (run_training_comparison.sh,
 # run_experiments.sh). Source it; it defines functions only.
 
