@@ -115,16 +115,12 @@ row_args() {
   echo "${words[*]}$flags"
 }
 
-# row_steps NAME: the row's --steps (the timing rows' own) or the budget.
+# row_steps NAME: the --steps of row_args (the row's own or the budget).
 row_steps() {
-  local flags
-  flags=" $(row_field "$1" 4) "
-  if [[ "$flags" == *" --steps "* ]]; then
-    flags="${flags#* --steps }"
-    echo "${flags%% *}"
-  else
-    echo "$steps"
-  fi
+  local args
+  args="$(row_args "$1") "
+  args="${args#* --steps }"
+  echo "${args%% *}"
 }
 
 # is_finished NAME CSV: the last row is the row's last step and has its validation.
