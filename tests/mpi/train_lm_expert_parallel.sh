@@ -97,7 +97,8 @@ expect_error() {  # expect_error N TEXT ARGS...: every one of N ranks exits non-
   local n="$1" text="$2"
   shift 2
   if ranks "$n" "$@" >out.txt 2>err.txt; then fail "'$*' on $n ranks succeeded"; fi
-  [[ $(grep -c -- "$text" err.txt) -eq $n ]] || fail "'$*' on $n ranks: not every rank says '$text': $(cat err.txt)"
+  # Counted as occurrences, not lines: the ranks write stderr at once and lines can run together.
+  [[ $(grep -o -- "$text" err.txt | wc -l) -eq $n ]] || fail "'$*' on $n ranks: not every rank says '$text': $(cat err.txt)"
 }
 expect_error 3 "must be a multiple of the 3 ranks" "${run[@]}" --experts 8 --expert-parallel
 expect_error 3 "must be >= the 3 ranks" "${run[@]}" --experts 6 --batch 2 --expert-parallel
